@@ -1,0 +1,106 @@
+"""What fsguard knows about a call: facts read from FreeSWITCH's channel data.
+
+The captures are the reference for every variable used here:
+
+* digest-authenticated means ``variable_sip_auth_username`` is present; the
+  identity is ``sip_auth_username@sip_auth_realm`` (the realm is the tenant's
+  domain with FusionPBX's ``challenge-realm=auto_to``);
+* ``variable_sip_authorized`` alone proves nothing: ACL-trusted trunks carry
+  it too, together with ``variable_sip_acl_authed_by``;
+* the caller's address is ``variable_sip_network_ip`` / ``_port``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """Normalise an IP as FreeSWITCH may print it; None if it is not an IP.
+
+    Accepts ``[v6]`` brackets and IPv4-mapped IPv6 (``::ffff:192.0.2.1`` is
+    the IPv4 address), so every text form of one address compares equal.
+    """
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True, slots=True)
+class CallFacts:
+    """The facts of one INVITE that the verdict may use."""
+
+    uuid: str
+    source_ip: str
+    source_port: str = ""
+    auth_user: str = ""
+    auth_realm: str = ""
+    acl_authed_by: str = ""
+    destination: str = ""
+    from_user: str = ""
+    from_host: str = ""
+    domain: str = ""
+    profile: str = ""
+    user_agent: str = ""
+    call_direction: str = ""
+    context: str = ""
+    switch_hostname: str = ""
+    core_uuid: str = ""
+    socket_mode: str = ""
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.auth_user)
+
+    @property
+    def identity(self) -> str:
+        """``user@domain``, the key of registrations (tenants reuse numbers)."""
+        return f"{self.auth_user}@{self.auth_realm}".lower() if self.auth_user else ""
+
+    @property
+    def source_address(self) -> IPAddress | None:
+        return parse_ip(self.source_ip)
+
+
+# channel-data header -> CallFacts field; the first header present wins.
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "uuid": ("Unique-ID", "variable_uuid", "Channel-Call-UUID"),
+    "source_ip": ("variable_sip_network_ip", "Caller-Network-Addr", "variable_sip_received_ip"),
+    "source_port": ("variable_sip_network_port", "variable_sip_received_port"),
+    "auth_user": ("variable_sip_auth_username",),
+    "auth_realm": ("variable_sip_auth_realm",),
+    "acl_authed_by": ("variable_sip_acl_authed_by",),
+    "destination": ("Caller-Destination-Number", "variable_destination_number"),
+    "from_user": ("variable_sip_from_user",),
+    "from_host": ("variable_sip_from_host",),
+    "domain": ("variable_domain_name", "variable_sip_auth_realm"),
+    "profile": ("variable_sofia_profile_name",),
+    "user_agent": ("variable_sip_user_agent",),
+    "call_direction": ("variable_call_direction",),
+    "context": ("Caller-Context",),
+    "switch_hostname": ("FreeSWITCH-Hostname",),
+    "core_uuid": ("Core-UUID",),
+    "socket_mode": ("Socket-Mode",),
+}
+
+
+def facts_from_channel_data(headers: dict[str, str]) -> CallFacts:
+    """Build CallFacts from decoded channel-data headers (the ``connect`` reply)."""
+    values: dict[str, str] = {}
+    for name, candidates in _SOURCES.items():
+        for header in candidates:
+            value = headers.get(header)
+            if value:
+                values[name] = value
+                break
+    return CallFacts(**values)

@@ -1,0 +1,253 @@
+"""Configuration: one table of settings, validated once, failing fast.
+
+Every setting has a section, name, default, validator and help text in
+``SETTINGS``; the example config and the README's settings table are kept in
+step with it by a test.  A bad value raises ConfigError naming the setting:
+a guard running on silent defaults is worse than one that refuses to start.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .policy import DEFAULT_EMERGENCY_NUMBERS, Action, Mode, Policy
+
+
+class ConfigError(ValueError):
+    """The configuration is not usable; the message names the setting."""
+
+
+# --- validators: take the raw TOML value, return the typed one or raise ValueError
+
+
+def _address(value: Any) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ValueError("must be a string HOST:PORT")
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT (IPv6 as [ADDR]:PORT), got {value!r}")
+    return host, int(port)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def validate(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return validate
+
+
+def _seconds(low: float, high: float) -> Callable[[Any], float]:
+    def validate(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+            raise ValueError(f"must be a number of seconds in ({low}, {high}], got {value!r}")
+        return float(value)
+
+    return validate
+
+
+def _count(low: int, high: int) -> Callable[[Any], int]:
+    def validate(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be a whole number in [{low}, {high}], got {value!r}")
+        return value
+
+    return validate
+
+
+def _numbers(value: Any) -> tuple[str, ...]:
+    allowed = set("0123456789+*#")
+    if not isinstance(value, list) or not all(isinstance(v, str) and v and set(v) <= allowed for v in value):
+        raise ValueError(f"must be a list of dialable numbers (digits, + * #), got {value!r}")
+    return tuple(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _optional_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    return value
+
+
+def _database_url(value: Any) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(_text(value))
+    except ArgumentError as exc:
+        raise ValueError(f"is not a database URL: {exc}") from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"must be a sqlite:/// or postgresql+psycopg:// URL, got {url.get_backend_name()!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    name: str
+    default: Any
+    validate: Callable[[Any], Any]
+    help: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+REQUIRED = object()
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("guard", "listen", "127.0.0.1:8084", _address,
+            "ESL outbound address: where FreeSWITCH's socket application connects."),
+    Setting("guard", "mode", "enforce", _choice("enforce", "observe"),
+            "enforce: refuse calls; observe: decide, log and audit, but allow every call."),
+    Setting("guard", "on_error", "deny", _choice("deny", "allow"),
+            "Verdict when registrations cannot be checked (switch down, timeout, garbage)."),
+    Setting("guard", "emergency_numbers", list(DEFAULT_EMERGENCY_NUMBERS), _numbers,
+            "Destinations that are always allowed, whatever else is configured."),
+    Setting("guard", "decision_timeout", 2.0, _seconds(0, 30),
+            "Seconds a verdict may take; past it, on_error applies."),
+    Setting("guard", "command_timeout", 5.0, _seconds(0, 60),
+            "Seconds to wait for FreeSWITCH at each step of the outbound conversation."),
+    Setting("guard", "max_connections", 1000, _count(1, 100_000),
+            "Outbound connections handled at once (concurrent calls being decided)."),
+    Setting("guard", "log_level", "info", _choice("debug", "info", "warning", "error"),
+            "Log level of the daemon (logs go to stderr)."),
+    Setting("switch", "name", REQUIRED, _text, "Name of the FreeSWITCH node, unique."),
+    Setting("switch", "esl", "127.0.0.1:8021", _address, "Inbound ESL address of the node."),
+    Setting("switch", "password", "", _optional_text,
+            "ESL password; or use password_env / password_file (exactly one of the three)."),
+    Setting("switch", "password_env", "", _optional_text, "Name of an environment variable holding the ESL password."),
+    Setting("switch", "password_file", "", _optional_text, "Path of a file holding the ESL password."),
+    Setting("audit", "url", "sqlite:////var/lib/fsguard/audit.db", _database_url,
+            "Audit database: sqlite:///PATH (default) or postgresql+psycopg://USER@HOST/DB."),
+)
+
+_SECTIONS = {s.section for s in SETTINGS}
+_LISTS = {"switch"}  # sections written as [[switch]] arrays
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    name: str
+    host: str
+    port: int
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[str, int]
+    policy: Policy
+    decision_timeout: float
+    command_timeout: float
+    max_connections: int
+    log_level: str
+    switches: tuple[SwitchConfig, ...]
+    audit_url: str
+    source: str = ""
+
+
+def _section(raw: dict[str, Any], section: str, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
+    settings = {s.name: s for s in SETTINGS if s.section == section}
+    unknown = sorted(set(raw) - set(settings))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown setting (known: {', '.join(settings)})")
+    values = {}
+    for name, setting in settings.items():
+        if name not in raw:
+            if setting.default is REQUIRED:
+                raise ConfigError(f"{where}.{name}: required")
+            values[name] = setting.validate(setting.default)
+            continue
+        try:
+            values[name] = setting.validate(raw[name])
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{name}: {exc}") from None
+    return values
+
+
+def _password(values: dict[str, Any], where: str) -> str:
+    given = [k for k in ("password", "password_env", "password_file") if values[k]]
+    if len(given) != 1:
+        raise ConfigError(f"{where}.password: set exactly one of password, password_env, password_file")
+    if values["password_env"]:
+        secret = os.environ.get(values["password_env"])
+        if not secret:
+            raise ConfigError(f"{where}.password_env: environment variable {values['password_env']} is not set")
+        return secret
+    if values["password_file"]:
+        try:
+            return Path(values["password_file"]).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.password_file: cannot read: {exc.strerror}") from None
+    return values["password"]
+
+
+def _switches(raw: Any) -> tuple[SwitchConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("switch: configure at least one [[switch]]")
+    switches = []
+    for index, item in enumerate(raw):
+        where = f"switch[{index}]"
+        values = _section(item, "switch", where)
+        host, port = values["esl"]
+        switches.append(SwitchConfig(values["name"], host, port, _password(values, where)))
+    names = [s.name for s in switches]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"switch.name: {duplicates[0]!r} is used twice")
+    return tuple(switches)
+
+
+def parse(raw: dict[str, Any], source: str = "") -> Config:
+    unknown = sorted(set(raw) - _SECTIONS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(_SECTIONS))})")
+    for name in _SECTIONS - _LISTS:
+        if isinstance(raw.get(name), list):
+            raise ConfigError(f"{name}: write [{name}], not [[{name}]]")
+    guard = _section(raw.get("guard", {}), "guard", "guard")
+    audit = _section(raw.get("audit", {}), "audit", "audit")
+    return Config(
+        listen=guard["listen"],
+        policy=Policy(
+            mode=Mode(guard["mode"]),
+            on_error=Action(guard["on_error"]),
+            emergency_numbers=frozenset(guard["emergency_numbers"]),
+        ),
+        decision_timeout=guard["decision_timeout"],
+        command_timeout=guard["command_timeout"],
+        max_connections=guard["max_connections"],
+        log_level=guard["log_level"],
+        switches=_switches(raw.get("switch")),
+        audit_url=audit["url"],
+        source=source,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file; raise ConfigError on any problem."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{os.fspath(path)}: not valid TOML: {exc}") from None
+    return parse(raw, os.fspath(path))
