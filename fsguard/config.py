@@ -149,6 +149,11 @@ class SwitchConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    url: str
+
+
+@dataclass(frozen=True)
 class Config:
     listen: tuple[str, int]
     policy: Policy
@@ -157,7 +162,7 @@ class Config:
     max_connections: int
     log_level: str
     switches: tuple[SwitchConfig, ...]
-    audit_url: str
+    audit: AuditConfig
     source: str = ""
 
 
@@ -236,7 +241,7 @@ def parse(raw: dict[str, Any], source: str = "") -> Config:
         max_connections=guard["max_connections"],
         log_level=guard["log_level"],
         switches=_switches(raw.get("switch")),
-        audit_url=audit["url"],
+        audit=AuditConfig(**audit),
         source=source,
     )
 

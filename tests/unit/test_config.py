@@ -25,7 +25,7 @@ def test_example_config_is_valid_and_documents_every_setting():
 def test_defaults():
     config = parse(SWITCH)
     assert config.decision_timeout == 2.0 and config.switches[0].port == 8021
-    assert config.audit_url.startswith("sqlite:")
+    assert config.audit.url.startswith("sqlite:")
 
 
 @pytest.mark.parametrize(

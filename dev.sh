@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# fsguard's two set-up commands (README.rst, "Quick start"):
+#   ./dev.sh run    install fsguard in .venv and run the daemon (example config)
+#   ./dev.sh test   install fsguard with its test tools and run the test suite (pytest)
+# Works on a fresh Debian 12 / Ubuntu 22.04+ machine; installs missing system
+# packages with apt (through sudo when not root).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need_packages() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    as_root apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  fi
+}
+
+venv() {
+  command -v dpkg >/dev/null && need_packages python3-venv python3-dev
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "fsguard needs Python >= 3.11 (found $(python3 --version))" >&2; exit 1; }
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q "$@"
+}
+
+postgres_up() {
+  # The audit tests run against a real PostgreSQL on 127.0.0.1:5432: start it when it is down.
+  if command -v pg_ctlcluster >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+  fi
+}
+
+case "${1:-}" in
+  run)
+    venv -e .
+    mkdir -p var
+    # The example config, with the audit database under ./var so that no root is needed.
+    sed 's|^url = .*|url = "sqlite:///var/audit.db"|' fsguard.example.toml > var/fsguard.toml
+    exec .venv/bin/fsguard run --config var/fsguard.toml
+    ;;
+  test)
+    shift
+    venv -e '.[test]'
+    postgres_up
+    exec .venv/bin/pytest "$@"
+    ;;
+  *)
+    echo "usage: $0 run|test [pytest arguments]" >&2
+    exit 2
+    ;;
+esac
