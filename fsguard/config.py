@@ -124,6 +124,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds to wait for FreeSWITCH at each step of the outbound conversation."),
     Setting("guard", "max_connections", 1000, _count(1, 100_000),
             "Outbound connections handled at once (concurrent calls being decided)."),
+    Setting("guard", "registrations", "cache", _choice("cache", "live"),
+            "cache: watch sofia events and answer from memory (live lookups only where the cache "
+            "cannot know); live: one sofia xmlstatus lookup per call."),
+    Setting("guard", "expiry_margin", 90.0, _seconds(0, 3600),
+            "Seconds a cached registration outlives its Expires (FreeSWITCH's "
+            "sip-expires-late-margin + registration-thread-frequency)."),
     Setting("guard", "log_level", "info", _choice("debug", "info", "warning", "error"),
             "Log level of the daemon (logs go to stderr)."),
     Setting("switch", "name", REQUIRED, _text, "Name of the FreeSWITCH node, unique."),
@@ -160,6 +166,8 @@ class Config:
     decision_timeout: float
     command_timeout: float
     max_connections: int
+    registrations: str
+    expiry_margin: float
     log_level: str
     switches: tuple[SwitchConfig, ...]
     audit: AuditConfig
@@ -239,6 +247,8 @@ def parse(raw: dict[str, Any], source: str = "") -> Config:
         decision_timeout=guard["decision_timeout"],
         command_timeout=guard["command_timeout"],
         max_connections=guard["max_connections"],
+        registrations=guard["registrations"],
+        expiry_margin=guard["expiry_margin"],
         log_level=guard["log_level"],
         switches=_switches(raw.get("switch")),
         audit=AuditConfig(**audit),

@@ -16,7 +16,10 @@ from gevent.event import Event
 from .config import Config
 from .esl.inbound import LiveLookup, SwitchLink
 from .esl.outbound import OutboundServer
+from .esl.watcher import Watcher
 from .guard import Guard
+from .lookup import CachedLookup
+from .registrations import RegistrationCache, RegistrationSource
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +35,16 @@ STOP_GRACE = 10.0  # seconds for in-flight decisions on SIGTERM
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.lookup = LiveLookup([SwitchLink(s, config.command_timeout) for s in config.switches])
-        self.guard = Guard(config.policy, self.lookup, config.decision_timeout)
+        self.live = LiveLookup([SwitchLink(s, config.command_timeout) for s in config.switches])
+        self.cache = RegistrationCache()
+        self.watchers: list[Watcher] = []
+        source: RegistrationSource = self.live
+        if config.registrations == "cache":
+            self.watchers = [
+                Watcher(s, self.cache, config.command_timeout, config.expiry_margin) for s in config.switches
+            ]
+            source = CachedLookup(self.cache, self.watchers, self.live)
+        self.guard = Guard(config.policy, source, config.decision_timeout)
         self.server = OutboundServer(
             config.listen,
             self.guard.decide,
@@ -44,13 +55,16 @@ class Daemon:
 
     def start(self) -> None:
         self.server.start()
+        for watcher in self.watchers:
+            watcher.start()
         host, port = self.server.address
         log.info(
-            "listening on %s:%s mode=%s on_error=%s switches=%s",
+            "listening on %s:%s mode=%s on_error=%s registrations=%s switches=%s",
             host,
             port,
             self.config.policy.mode,
             self.config.policy.on_error,
+            self.config.registrations,
             ",".join(s.name for s in self.config.switches),
         )
 
@@ -63,7 +77,9 @@ class Daemon:
         self._stop.wait()
         log.info("stopping: no new calls, up to %gs for calls in progress", STOP_GRACE)
         self.server.stop(grace=STOP_GRACE)
-        self.lookup.close()
+        for watcher in self.watchers:
+            watcher.stop()
+        self.live.close()
         log.info("stopped")
 
 

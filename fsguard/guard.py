@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import gevent
 
 from .call import CallFacts
-from .policy import Policy, Unchecked, Verdict, decide, needs_registrations
+from .policy import Policy, Reason, Unchecked, Verdict, decide, needs_registrations
 from .registrations import LookupFailed, RegistrationSource, Registrations
 
 log = logging.getLogger(__name__)
@@ -48,19 +48,39 @@ class Guard:
         answer: Registrations | Unchecked | None = None
         error = ""
         if needs_registrations(call, self.policy):
-            answer, error = self._lookup(call)
+            try:
+                with gevent.Timeout(self.decision_timeout):
+                    answer, error = self._lookup(call)
+                    verdict = decide(call, answer, self.policy, self.clock())
+                    if self._needs_live_check(verdict, answer):
+                        answer, error = self._lookup(call, live=True, fallback=answer)
+            except gevent.Timeout:
+                answer, error = Unchecked.TIMEOUT, f"no answer within decision_timeout={self.decision_timeout:g}s"
         verdict = decide(call, answer, self.policy, self.clock())
         lookup = answer.source if isinstance(answer, Registrations) else "none"
         return Decision(call, verdict, lookup, time.perf_counter() - started, error)
 
-    def _lookup(self, call: CallFacts) -> tuple[Registrations | Unchecked, str]:
+    @staticmethod
+    def _needs_live_check(verdict: Verdict, answer: Registrations | Unchecked) -> bool:
+        """A deny from the cache is confirmed live: the phone may have just registered."""
+        return (
+            isinstance(answer, Registrations)
+            and answer.source != "live"
+            and verdict.rule in (Reason.NOT_REGISTERED, Reason.IP_NOT_REGISTERED)
+        )
+
+    def _lookup(
+        self, call: CallFacts, live: bool = False, fallback: Registrations | None = None
+    ) -> tuple[Registrations | Unchecked, str]:
+        ask = self.registrations.lookup_live if live else self.registrations.lookup
         try:
-            with gevent.Timeout(self.decision_timeout):
-                return self.registrations.lookup(call.profile, call.auth_user, call.auth_realm), ""
-        except gevent.Timeout:
-            return Unchecked.TIMEOUT, f"no answer within decision_timeout={self.decision_timeout:g}s"
+            return ask(call.profile, call.auth_user, call.auth_realm), ""
         except LookupFailed as exc:
-            return Unchecked.LOOKUP_FAILED, str(exc)
-        except Exception as exc:  # a bug must still end in the on_error verdict
+            error = str(exc)
+        except gevent.Timeout:
+            raise
+        except Exception as exc:  # a bug must still end in a verdict
             log.exception("registration lookup crashed for call %s", call.uuid)
-            return Unchecked.LOOKUP_FAILED, f"internal error: {exc!r}"
+            error = f"internal error: {exc!r}"
+        # The cache did answer; a failed confirmation leaves its answer standing.
+        return (fallback if fallback is not None else Unchecked.LOOKUP_FAILED), error

@@ -35,3 +35,16 @@ def outbound_captures() -> list[str]:
         if any(m.headers.get("Event-Name") == "CHANNEL_DATA" for m in capture_messages(path.stem, "fs>app")):
             names.append(path.stem)
     return names
+
+
+def capture_timed_messages(name: str, direction: str) -> list[tuple[float, Message]]:
+    """Messages with the time of the chunk that completed them."""
+    reader = MessageReader(commands=direction == "app>fs")
+    timed: list[tuple[float, Message]] = []
+    with open(CAPTURES / f"{name}.jsonl") as handle:
+        handle.readline()
+        for line in handle:
+            entry = json.loads(line)
+            if entry["dir"] == direction:
+                timed += [(entry["t"], m) for m in reader.feed(entry["data"].encode())]
+    return timed

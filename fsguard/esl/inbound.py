@@ -34,6 +34,8 @@ from .protocol import Message, MessageReader, ProtocolError
 
 log = logging.getLogger(__name__)
 
+MAX_API_REPLY = 256 * 1024 * 1024
+
 
 class SwitchClient(InboundESL):
     """One authenticated inbound ESL connection."""
@@ -64,7 +66,8 @@ class SwitchClient(InboundESL):
     # -- framing -----------------------------------------------------------
 
     def receive_events(self) -> None:
-        reader = MessageReader()
+        # api replies can be large (a profile's whole registration list).
+        reader = MessageReader(max_body=MAX_API_REPLY)
         try:
             while self._run:
                 data = self.sock.recv(65536)
@@ -92,7 +95,12 @@ class SwitchClient(InboundESL):
         elif kind == "text/disconnect-notice":
             self.close_reason = self.close_reason or message.text.strip() or "disconnect notice"
         else:
-            event = message.event()
+            try:
+                event = message.event()
+            except ProtocolError as exc:
+                # Framing is intact (Content-Length): skip this event, keep the connection.
+                log.warning("%s:%s: unreadable event skipped: %s", self.host, self.port, exc)
+                return
             if event is not None:
                 self._esl_event_queue.put(event)
 
@@ -213,25 +221,28 @@ class LiveLookup:
         self.links = links
         self.clock = clock
 
-    def lookup(self, profile: str, user: str, domain: str) -> Registrations:
+    def lookup(self, profile: str, user: str, domain: str, links: list[SwitchLink] | None = None) -> Registrations:
+        links = self.links if links is None else links
         command = xmlstatus_user_command(profile, user, domain)
-        jobs = [gevent.spawn(self._ask, link, command, profile) for link in self.links]
+        jobs = [gevent.spawn(self._ask, link, command, profile) for link in links]
         try:
             gevent.joinall(jobs, raise_error=False)
         finally:
             gevent.killall(jobs, block=False)  # the caller's deadline may cut us short
         bindings, errors = [], []
-        for link, job in zip(self.links, jobs):
+        for link, job in zip(links, jobs):
             if job.successful():
                 bindings.extend(job.value)
             else:
                 errors.append(f"{link.name}: {job.exception}")
-        if len(errors) == len(self.links):
-            raise LookupFailed("; ".join(errors))
+        if len(errors) == len(links):
+            raise LookupFailed("; ".join(errors) or "no switch to ask")
         return Registrations(f"{user}@{domain}".lower(), tuple(bindings), self.source, tuple(errors))
 
     def _ask(self, link: SwitchLink, command: str, profile: str):
         return parse_xmlstatus(link.api(command), self.clock(), profile=profile, switch=link.name)
+
+    lookup_live = lookup
 
     def close(self) -> None:
         for link in self.links:

@@ -134,7 +134,8 @@ def parse_plain_event(body: bytes) -> Event:
 
 def parse_json_event(body: bytes) -> Event:
     try:
-        data = json.loads(body)
+        # Raw bytes from a device (a User-Agent) need not be UTF-8: replace, do not fail.
+        data = json.loads(body.decode("utf-8", "replace"))
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"event-json body is not JSON: {exc}") from None
     if not isinstance(data, dict):
