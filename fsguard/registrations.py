@@ -87,7 +87,7 @@ _ESCAPED = {"contact", "agent"}
 _LINE = re.compile(r"<([a-z-]+)>(.*)</\1>")
 _EXPSECS = re.compile(r"expsecs\((\d+)\)")
 _TRANSPORT = re.compile(r"Registered\(([A-Za-z-]+)\)")
-MAX_REPLY = 64 * 1024 * 1024
+MAX_REPLY = 256 * 1024 * 1024  # a 100k-row profile answers ~75 MB
 
 
 def parse_xmlstatus(reply: bytes, now: float, profile: str = "", switch: str = "") -> list[Binding]:
@@ -139,7 +139,8 @@ def _binding(row: dict[str, str], now: float, profile: str, switch: str) -> Bind
     if "!duplicate" in row or not row.get("sip-auth-user") or not row.get("network-ip"):
         return None  # a row we cannot attribute or place proves nothing
     values = {field: row.get(tag, "") for tag, field in _FIELDS.items()}
-    values["realm"] = sys.intern(values["realm"])  # shared by a tenant's many rows
+    for shared in ("realm", "user_agent", "network_port"):  # few distinct values across many rows
+        values[shared] = sys.intern(values[shared])
     status = values.pop("status")
     expsecs = _EXPSECS.search(status)
     transport = _TRANSPORT.search(status)
@@ -215,10 +216,10 @@ def change_from_event(
         realm=sys.intern(realm),
         call_id=call_id,
         network_ip=ip,
-        network_port=headers.get("network-port", ""),
+        network_port=sys.intern(headers.get("network-port", "")),
         profile=sys.intern(headers.get("profile-name", "")),
         contact=headers.get("contact", ""),
-        user_agent=headers.get("user-agent", ""),
+        user_agent=sys.intern(headers.get("user-agent", "")),
         transport=transport.group(1).upper() if transport else "",
         expires_at=now + int(expires) + expiry_margin,
         switch=sys.intern(switch),

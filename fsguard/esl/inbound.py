@@ -29,12 +29,11 @@ from gevent.event import AsyncResult
 from greenswitch.esl import InboundESL, NotConnectedError
 
 from ..config import SwitchConfig
-from ..registrations import LookupFailed, Registrations, parse_xmlstatus
+from ..registrations import MAX_REPLY, LookupFailed, Registrations, parse_xmlstatus
 from .protocol import Message, MessageReader, ProtocolError
 
 log = logging.getLogger(__name__)
 
-MAX_API_REPLY = 256 * 1024 * 1024
 
 
 class SwitchClient(InboundESL):
@@ -67,7 +66,7 @@ class SwitchClient(InboundESL):
 
     def receive_events(self) -> None:
         # api replies can be large (a profile's whole registration list).
-        reader = MessageReader(max_body=MAX_API_REPLY)
+        reader = MessageReader(max_body=MAX_REPLY)
         try:
             while self._run:
                 data = self.sock.recv(65536)

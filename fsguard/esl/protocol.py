@@ -212,8 +212,13 @@ class MessageReader:
         if len(self._buffer) < self._body_length:
             return None
         message, self._pending = self._pending, None
-        message.body = bytes(self._buffer[: self._body_length])
-        del self._buffer[: self._body_length]
+        if len(self._buffer) == self._body_length:
+            # The usual end of a large body: hand the buffer over, no copy.
+            message.body, self._buffer = bytes(self._buffer), bytearray()
+        else:
+            with memoryview(self._buffer) as view:
+                message.body = bytes(view[: self._body_length])
+            del self._buffer[: self._body_length]
         return message
 
 
