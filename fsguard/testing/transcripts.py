@@ -131,10 +131,13 @@ class Transcript:
         return found
 
 
-@cache
 def load(name: str) -> Transcript:
     """Load ``fixtures/freeswitch/<name>.jsonl`` (cached, treat as read-only)."""
-    stem = name.removesuffix(".jsonl")
+    return _load(name.removesuffix(".jsonl"))
+
+
+@cache
+def _load(stem: str) -> Transcript:
     lines = (FIXTURES / f"{stem}.jsonl").read_text(encoding="utf-8").splitlines()
     meta = json.loads(lines[0])["meta"]
     entries = []
