@@ -75,8 +75,11 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self.request_stop)
         self._stop.wait()
-        log.info("stopping: no new calls, up to %gs for calls in progress", STOP_GRACE)
-        self.server.stop(grace=STOP_GRACE)
+        self.stop(STOP_GRACE)
+
+    def stop(self, grace: float) -> None:
+        log.info("stopping: no new calls, up to %gs for calls in progress", grace)
+        self.server.stop(grace=grace)
         for watcher in self.watchers:
             watcher.stop()
         self.live.close()

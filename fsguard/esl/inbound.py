@@ -118,8 +118,11 @@ class SwitchClient(InboundESL):
     def _abort(self, reason: str) -> None:
         self.close_reason = self.close_reason or reason
         self._run = False
+        sock = getattr(self, "sock", None)  # absent when the connect itself failed
+        if sock is None:
+            return
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -230,16 +233,20 @@ class LiveLookup:
             gevent.killall(jobs, block=False)  # the caller's deadline may cut us short
         bindings, errors = [], []
         for link, job in zip(links, jobs):
-            if job.successful():
+            if job.successful() and not isinstance(job.value, Exception):
                 bindings.extend(job.value)
             else:
-                errors.append(f"{link.name}: {job.exception}")
+                errors.append(f"{link.name}: {job.value if job.successful() else job.exception}")
         if len(errors) == len(links):
             raise LookupFailed("; ".join(errors) or "no switch to ask")
         return Registrations(f"{user}@{domain}".lower(), tuple(bindings), self.source, tuple(errors))
 
-    def _ask(self, link: SwitchLink, command: str, profile: str):
-        return parse_xmlstatus(link.api(command), self.clock(), profile=profile, switch=link.name)
+    def _ask(self, link: SwitchLink, command: str, profile: str) -> list | LookupFailed:
+        # A failure is a value here, not a greenlet crash for gevent to print.
+        try:
+            return parse_xmlstatus(link.api(command), self.clock(), profile=profile, switch=link.name)
+        except LookupFailed as exc:
+            return exc
 
     lookup_live = lookup
 

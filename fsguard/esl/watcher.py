@@ -41,7 +41,7 @@ from .protocol import Event, ProtocolError
 
 log = logging.getLogger(__name__)
 
-SUBSCRIBE = "event json CUSTOM " + " ".join(sorted(WATCHED_EVENTS))
+SUBSCRIBED = "CUSTOM " + " ".join(sorted(WATCHED_EVENTS))
 BOOTSTRAP_TIMEOUT = 60.0  # a profile with 100k rows answers in seconds, not milliseconds
 
 
@@ -55,6 +55,7 @@ class Watcher:
         clock: Callable[[], float] = time.time,
         backoff: tuple[float, float] = (0.5, 30.0),
         sweep_interval: float = 30.0,
+        event_format: str = "json",
     ) -> None:
         self.config = config
         self.cache = cache
@@ -63,13 +64,16 @@ class Watcher:
         self.clock = clock
         self.backoff_min, self.backoff_max = backoff
         self.sweep_interval = sweep_interval
-        self.state = "down"  # down, connecting, syncing, live
+        self.event_format = event_format  # "plain" works too; json is cheaper to parse
+        self._waiting = 0
+        self.state = "down"  # down, connecting, syncing, live, stopped
         self.last_error = ""
         self.last_event_at: float | None = None
         self.synced_at: float | None = None
         self.sessions = 0
         self.events: Counter[str] = Counter()
         self.synced = Flag()  # set whenever a sync completes (tests wait on it)
+        self._changed = Flag()
         self._stopped = Flag()
         self._client: SwitchClient | None = None
         self._greenlet: gevent.Greenlet | None = None
@@ -91,6 +95,7 @@ class Watcher:
             self._client.close()
         if self._greenlet is not None:
             self._greenlet.kill(block=True, timeout=self.timeout)
+        self._set_state("stopped")
 
     def _run(self) -> None:
         delay = self.backoff_min
@@ -110,13 +115,15 @@ class Watcher:
             delay = min(delay * 2, self.backoff_max)
 
     def _went_down(self, reason: str) -> None:
-        if self.state != "down" or reason != self.last_error:
-            log.warning("switch=%s watcher down (%s): %s; live lookups answer for it", self.name, self.state, reason)
-        self.state = "down"
+        # One line per fault, not one per reconnect attempt.
+        was_up = self.state in ("syncing", "live")
+        level = logging.WARNING if was_up or reason != self.last_error else logging.DEBUG
+        log.log(level, "switch=%s watcher down (was %s): %s; live lookups answer for it", self.name, self.state, reason)
         self.last_error = reason
+        self._set_state("down")
 
     def _session(self) -> None:
-        self.state = "connecting"
+        self._set_state("connecting")
         client = SwitchClient(self.config.host, self.config.port, self.config.password, self.timeout)
         self._client = client
         client.connect()
@@ -131,21 +138,43 @@ class Watcher:
 
         for name in WATCHED_EVENTS:
             client.register_handle(name, on_event)
-        reply = client.send(SUBSCRIBE)
+        reply = client.send(f"event {self.event_format} {SUBSCRIBED}")
         if not reply.reply_text.startswith("+OK"):
             raise NotConnectedError(f"event subscription refused: {reply.reply_text}")
-        self.state = "syncing"
+        self._set_state("syncing")
         table = SwitchTable(self._snapshot(client))
         self.cache.replace(self.name, table)
         for event in pending:
             self._apply(event)
         pending = None
-        self.state = "live"
         self.synced_at = self.clock()
+        self._set_state("live")
         self.synced.set()
         log.info("switch=%s watcher live: %d registrations", self.name, len(table))
         self._watch(client)
         raise NotConnectedError(client.close_reason or "connection lost")
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, Flag()
+        changed.set()
+
+    def wait_for(self, predicate: Callable[["Watcher"], bool], timeout: float) -> bool:
+        """Wait until ``predicate(self)`` holds, re-checked at every state change and event."""
+        deadline = time.monotonic() + timeout
+        self._waiting += 1
+        try:
+            while not predicate(self):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+            return True
+        finally:
+            self._waiting -= 1
 
     def _snapshot(self, client: SwitchClient) -> list[Binding]:
         profiles = parse_profiles(self._api(client, "sofia xmlstatus"))
@@ -166,8 +195,8 @@ class Watcher:
         while not reader.ready():
             reader.join(timeout=self.sweep_interval)
             table = self.cache.tables.get(self.name)
-            if table is not None:
-                table.sweep(self.clock())
+            if table is not None and table.sweep(self.clock()) and self._waiting:
+                self._notify()
 
     def _apply(self, event: Event) -> None:
         self.events[event.subclass] += 1
@@ -175,6 +204,8 @@ class Watcher:
         change = change_from_event(event.headers, self.name, self.last_event_at, self.expiry_margin)
         if change is not None:
             self.cache.apply(self.name, change)
+        if self._waiting:
+            self._notify()
 
     def status(self) -> dict:
         return {
