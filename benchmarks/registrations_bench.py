@@ -9,7 +9,10 @@ Measures, in process, from the captured byte formats:
   minus the socket;
 * bootstrap of 100,000 registrations from one ``sofia xmlstatus profile <p>
   reg`` reply (generated in the captured format): time and peak RSS, in a
-  fresh interpreter so that the figure is the bootstrap's own;
+  fresh interpreter so that the figure is the bootstrap's own; measured twice,
+  parsing the reply alone, and end to end through the real watcher (inbound
+  ESL on loopback: connect, auth, subscribe, profile list, the 75 MB reply,
+  parse, swap);
 * verdict lookup with 100,000 bindings cached: cache lookup + verdict.
 
 Targets: >= 10,000 events/s, 100k bootstrap < 5 s and < 200 MB RSS, lookup
@@ -100,6 +103,15 @@ def xmlstatus_reply(count: int) -> bytes:
     return (head + "".join(rows) + "  </registrations>\n</profile>\n").encode()
 
 
+def peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM belongs to the address space,
+    so unlike ru_maxrss it does not inherit the parent's peak across fork+exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def bench_events(count: int = 200_000) -> dict:
     stream = event_stream(count)
     table = SwitchTable()
@@ -118,21 +130,63 @@ def bench_events(count: int = 200_000) -> dict:
 
 def bench_bootstrap_child(path: str) -> None:
     # The reply as the watcher holds it: one api/response body, read whole.
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = peak_rss_mb()
     started = time.perf_counter()
     reply = Path(path).read_bytes()
     table = SwitchTable(parse_xmlstatus(reply, time.time(), profile="internal", switch="fs1"))
     cache = RegistrationCache()
     cache.replace("fs1", table)
     elapsed = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({
         "registrations": len(table),
         "reply_mb": round(len(reply) / 1e6, 1),
         "seconds": round(elapsed, 3),
-        "peak_rss_mb": round(peak / 1024, 1),
-        "rss_before_mb": round(baseline / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_mb": baseline,
     }))
+
+
+def bench_watcher_child(port: int) -> None:
+    from gevent import monkey
+
+    monkey.patch_all()
+    from fsguard.config import SwitchConfig
+    from fsguard.esl.watcher import Watcher
+
+    baseline = peak_rss_mb()
+    cache = RegistrationCache()
+    watcher = Watcher(SwitchConfig("fs1", "127.0.0.1", port, "ClueCon"), cache, timeout=60.0, expiry_margin=90.0)
+    started = time.perf_counter()
+    watcher.start()
+    if not watcher.wait_for(lambda w: w.live, 120):
+        raise SystemExit(f"watcher never went live: {watcher.last_error}")
+    elapsed = time.perf_counter() - started
+    peak = peak_rss_mb()
+    watcher.stop()
+    print(json.dumps({"registrations": cache.size("fs1"), "seconds": round(elapsed, 3),
+                      "peak_rss_mb": peak, "rss_before_mb": baseline}))
+
+
+def bench_watcher_bootstrap() -> dict:
+    from gevent import monkey
+
+    monkey.patch_all()
+    from fsguard.testing.switch import FakeSwitch
+
+    reply = xmlstatus_reply(N)
+
+    class BigSwitch(FakeSwitch):
+        def api(self, command: str):
+            if command == "sofia xmlstatus profile internal reg":
+                return reply
+            return super().api(command)
+
+    with BigSwitch() as switch:
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.registrations_bench", "--watcher-child", str(switch.address[1])],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent,
+        )
+    return json.loads(out.stdout)
 
 
 def bench_bootstrap() -> dict:
@@ -172,11 +226,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--bootstrap-child", metavar="REPLY", help=argparse.SUPPRESS)
+    parser.add_argument("--watcher-child", metavar="PORT", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bootstrap_child:
         bench_bootstrap_child(args.bootstrap_child)
         return
-    figures = {"events": bench_events(), "bootstrap_100k": bench_bootstrap(), "lookup_100k": bench_lookup()}
+    if args.watcher_child:
+        bench_watcher_child(args.watcher_child)
+        return
+    figures = {
+        "events": bench_events(),
+        "bootstrap_100k_parse": bench_bootstrap(),
+        "bootstrap_100k_watcher": bench_watcher_bootstrap(),
+        "lookup_100k": bench_lookup(),
+    }
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

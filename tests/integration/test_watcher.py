@@ -195,3 +195,24 @@ def test_cache_answers_without_asking_the_switch(switch, start_daemon):
     result = place_call(daemon.server.address, CallScenario(auth_user="1002", source_ip="127.0.0.77"))
     assert result.variables["fsguard_reason"] == "registered-ip"
     assert len(switch.api_commands) == before
+
+
+def test_bootstrap_survives_a_hostile_call_id(empty_switch):
+    # Captured (in-api-hostile-callid): FreeSWITCH emits this Call-ID raw, so
+    # the xmlstatus answer is not well-formed XML; the other rows must survive.
+    hostile = Registration("1003", "tenant-a.test", network_ip="127.0.0.16", network_port=5078,
+                           call_id="x<y>\"z\"'q'@127.0.0.16", user_agent="Téléphone ☎ 1.0 <b>&amp;</b>")
+    forger = Registration("1002", "tenant-a.test", network_ip="127.0.0.12",
+                          call_id="a</call-id><network-ip>6.6.6.6</network-ip></registration><registration>")
+    empty_switch.add(hostile)
+    empty_switch.add(forger)
+    empty_switch.add(Registration("1001", "tenant-a.test", network_ip="127.0.0.10"))
+    watcher, cache = watch(empty_switch)
+    try:
+        assert ips(cache, "1003@tenant-a.test") == ["127.0.0.16"]
+        assert ips(cache, "1002@tenant-a.test") == ["127.0.0.12"]
+        assert ips(cache, A1001) == ["127.0.0.10"]
+        [binding] = cache.bindings("1003@tenant-a.test", ["fs1"])
+        assert binding.call_id == hostile.call_id and binding.user_agent == hostile.user_agent
+    finally:
+        watcher.stop()

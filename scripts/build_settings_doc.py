@@ -1,0 +1,50 @@
+"""Write README.rst's settings table from fsguard.config.SETTINGS (the one source).
+
+    .venv/bin/python scripts/build_settings_doc.py
+
+tests/unit/test_docs.py fails when README.rst is out of date.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fsguard.config import REQUIRED, SETTINGS  # noqa: E402
+
+START, END = ".. settings-start", ".. settings-end"
+
+
+def _default(value) -> str:
+    if value is REQUIRED:
+        return "(required)"
+    return "``" + json.dumps(value) + "``"
+
+
+def render() -> str:
+    rows = [("setting", "default", "meaning")]
+    for setting in SETTINGS:
+        section = f"[[{setting.section}]]" if setting.section == "switch" else f"[{setting.section}]"
+        rows.append((f"``{section} {setting.name}``", _default(setting.default), setting.help))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip(), rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows[1:]]
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def updated(readme: str) -> str:
+    head, _, rest = readme.partition(START)
+    _, _, tail = rest.partition(END)
+    return f"{head}{START}\n\n{render()}\n\n{END}{tail}"
+
+
+if __name__ == "__main__":
+    path = ROOT / "README.rst"
+    path.write_text(updated(path.read_text()))
+    print(f"{path}: settings table written ({len(SETTINGS)} settings)")
