@@ -68,7 +68,8 @@ def play(config: Config, identity: str, registered_ip: str, attacker_ip: str, de
         fake.add(Registration(user, domain, network_ip=registered_ip, network_port=5060), event=True)
         click.echo(f"simulated switch {switch.name!r} on {switch.host}:{switch.port}: "
                    f"{identity} registered from {registered_ip}")
-        emergency = sorted(config.policy.emergency_numbers)[0]
+        numbers = config.policy.emergency_numbers
+        emergency = "911" if "911" in numbers else sorted(numbers)[0]
         host, port = config.listen
         for number, step in enumerate(_steps(user, domain, registered_ip, attacker_ip, destination, emergency), 1):
             result = place_call((host, port), step.scenario, timeout=config.decision_timeout + 10)

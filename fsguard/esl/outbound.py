@@ -170,9 +170,11 @@ class OutboundServer:
         talk.request(command("linger"))
         outcome.decision = decision = self.decide(facts)
         try:
+            if talk.hung_up:
+                raise CallGone()  # the caller gave up while we decided (CANCEL)
             if decision.verdict.action is Action.DENY:
                 talk.request(hangup("CALL_REJECTED"))
-                talk.wait_for(_is_hangup)
+                talk.wait_for(_is_hangup)  # our own hangup: the refusal took effect
             else:
                 talk.request(execute("set", f"fsguard_reason={decision.verdict.reason}"))
                 talk.request(execute("set", f"fsguard_verdict={decision.verdict.action}"))
@@ -180,7 +182,6 @@ class OutboundServer:
             outcome.effective = True
         except CallGone:
             outcome.caller_hung_up = True
-        outcome.caller_hung_up = outcome.caller_hung_up or talk.hung_up
         talk.request(command("exit"))
 
     def _report(self, outcome: CallOutcome, peer: tuple[str, int]) -> None:
@@ -204,7 +205,7 @@ def log_decision(outcome: CallOutcome, peer: tuple[str, int]) -> None:
     log.log(
         level,
         "decision uuid=%s identity=%s source=%s destination=%s verdict=%s reason=%s rule=%s "
-        "registered=%s lookup=%s latency_ms=%.2f effective=%s hung_up=%s%s",
+        "registered=%s lookup=%s latency_ms=%.2f effective=%s caller_hung_up=%s%s",
         call.uuid,
         call.identity or "-",
         call.source_ip or "-",
