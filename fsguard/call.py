@@ -57,6 +57,9 @@ class CallFacts:
     switch_hostname: str = ""
     core_uuid: str = ""
     socket_mode: str = ""
+    user_exists: str = ""  # FusionPBX's user_exists (destination is a local user), if set
+    proxy_client_ip: str = ""  # the trusted proxy's client-address header, if any
+    aliases: tuple[str, ...] = ()  # number_alias / sip_number_alias of the authenticated user
 
     @property
     def has_credentials(self) -> bool:
@@ -91,16 +94,26 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "switch_hostname": ("FreeSWITCH-Hostname",),
     "core_uuid": ("Core-UUID",),
     "socket_mode": ("Socket-Mode",),
+    "user_exists": ("variable_user_exists",),
 }
+_ALIASES = ("variable_number_alias", "variable_sip_number_alias")
+DEFAULT_PROXY_HEADER = "X-AUTH-IP"
 
 
-def facts_from_channel_data(headers: dict[str, str]) -> CallFacts:
-    """Build CallFacts from decoded channel-data headers (the ``connect`` reply)."""
-    values: dict[str, str] = {}
+def facts_from_channel_data(headers: dict[str, str], proxy_header: str = DEFAULT_PROXY_HEADER) -> CallFacts:
+    """Build CallFacts from decoded channel-data headers (the ``connect`` reply).
+
+    A SIP header ``X-Foo`` of the INVITE appears as ``variable_sip_h_X-Foo``
+    (FreeSWITCH's convention); ``proxy_header`` names the one a trusted proxy
+    sets to the real client address.
+    """
+    values: dict[str, object] = {}
     for name, candidates in _SOURCES.items():
         for header in candidates:
             value = headers.get(header)
             if value:
                 values[name] = value
                 break
+    values["proxy_client_ip"] = headers.get(f"variable_sip_h_{proxy_header}", "").strip()
+    values["aliases"] = tuple(dict.fromkeys(a for a in (headers.get(h, "") for h in _ALIASES) if a))
     return CallFacts(**values)

@@ -47,7 +47,7 @@ class Guard:
         started = time.perf_counter()
         answer: Registrations | Unchecked | None = None
         error = ""
-        if needs_registrations(call, self.policy):
+        if needs_registrations(call, self.policy, self.clock()):
             try:
                 with gevent.Timeout(self.decision_timeout):
                     answer, error = self._lookup(call)

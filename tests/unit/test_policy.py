@@ -7,13 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fsguard.call import CallFacts, facts_from_channel_data
-from fsguard.policy import Action, Mode, Policy, Reason, Unchecked, decide, needs_registrations
+from fsguard.policy import Action, Mode, Policy, Reason, Rules, Unchecked, decide, needs_registrations
 from fsguard.registrations import Binding, Registrations, parse_xmlstatus
 from tests.helpers import capture_messages
 
 NOW = 1_800_000_000.0
 ENFORCE = Policy()
-OBSERVE = Policy(mode=Mode.OBSERVE)
+OBSERVE = Policy(default=Rules(mode=Mode.OBSERVE))
 FAIL_OPEN = Policy(on_error=Action.ALLOW)
 
 CALL = CallFacts(uuid="u1", source_ip="127.0.0.10", auth_user="1001", auth_realm="tenant-a.test",
@@ -147,7 +147,7 @@ answers = st.one_of(
         st.lists(st.just("fs2: down"), max_size=1),
     ),
 )
-policies = st.builds(Policy, mode=st.sampled_from(list(Mode)), on_error=st.sampled_from(list(Action)))
+policies = st.builds(Policy, default=st.builds(Rules, mode=st.sampled_from(list(Mode))), on_error=st.sampled_from(list(Action)))
 
 
 @given(calls, answers, policies)
