@@ -8,14 +8,16 @@ a guard running on silent defaults is worse than one that refuses to start.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .policy import DEFAULT_EMERGENCY_NUMBERS, Action, Mode, Policy
+from .policy import DEFAULT_EMERGENCY_NUMBERS, Action, ExtensionRules, Mode, Policy, Rules, Scope
 
 
 class ConfigError(ValueError):
@@ -81,6 +83,54 @@ def _optional_text(value: Any) -> str:
     return value
 
 
+def _optional_address(value: Any) -> tuple[str, int] | None:
+    if value == "":
+        return None
+    return _address(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+def _cidrs(value: Any) -> tuple:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of CIDRs, got {value!r}")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise ValueError(f"{item!r} is not an IP network (e.g. 192.0.2.0/24, 2001:db8::/32)") from None
+    return tuple(networks)
+
+
+def _patterns(value: Any) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"must be a list of regular expressions, got {value!r}")
+    compiled = []
+    for item in value:
+        try:
+            compiled.append(re.compile(item))
+        except re.error as exc:
+            raise ValueError(f"{item!r} is not a regular expression: {exc}") from None
+    return tuple(compiled)
+
+
+def _header(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", value):
+        raise ValueError(f"must be a SIP header name such as X-AUTH-IP, got {value!r}")
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a path, got {value!r}")
+    return value
+
+
 def _database_url(value: Any) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -108,12 +158,14 @@ class Setting:
 
 
 REQUIRED = object()
+INHERIT = object()  # per-domain / per-extension: take the global value
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("guard", "listen", "127.0.0.1:8084", _address,
             "ESL outbound address: where FreeSWITCH's socket application connects."),
-    Setting("guard", "mode", "enforce", _choice("enforce", "observe"),
-            "enforce: refuse calls; observe: decide, log and audit, but allow every call."),
+    Setting("guard", "mode", "enforce", _choice("enforce", "observe", "off"),
+            "enforce: refuse calls; observe: decide, log and audit, but allow every call; off: no checks "
+            "(set per domain to roll out tenant by tenant)."),
     Setting("guard", "on_error", "deny", _choice("deny", "allow"),
             "Verdict when registrations cannot be checked (switch down, timeout, garbage)."),
     Setting("guard", "emergency_numbers", list(DEFAULT_EMERGENCY_NUMBERS), _numbers,
@@ -130,6 +182,32 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("guard", "expiry_margin", 90.0, _seconds(0, 3600),
             "Seconds a cached registration outlives its Expires (FreeSWITCH's "
             "sip-expires-late-margin + registration-thread-frequency)."),
+    Setting("guard", "scope", "all", _choice("all", "offnet", "patterns"),
+            "Which credentialed calls are guarded: all; offnet (FusionPBX user_exists=false or "
+            "call_direction=outbound); patterns (destinations matching scope_patterns)."),
+    Setting("guard", "scope_patterns", [], _patterns,
+            "With scope = patterns: regular expressions over the destination, e.g. \"^(00|011|\\\\+)\"."),
+    Setting("guard", "allow_cidrs", [], _cidrs,
+            "Client networks whose credentialed calls are allowed without a registration (sites that never register)."),
+    Setting("guard", "identity_binding", False, _boolean,
+            "Refuse a call whose From user is neither the authenticated user nor one of its aliases."),
+    Setting("guard", "ua_binding", False, _boolean,
+            "Refuse a call whose User-Agent differs from that of the registration it matched."),
+    Setting("guard", "tls_only", False, _boolean,
+            "Count only registrations made over TLS."),
+    Setting("guard", "cross_family", False, _boolean,
+            "Accept a call over IPv4 when the extension is registered only over IPv6, or the reverse "
+            "(weakens the check for dual-stack devices: see README)."),
+    Setting("guard", "trusted_proxies", [], _cidrs,
+            "Proxies/SBCs whose proxy_header names the real client; the header from anyone else is refused."),
+    Setting("guard", "proxy_header", "X-AUTH-IP", _header,
+            "SIP header a trusted proxy sets to the client's address (channel variable sip_h_<name>)."),
+    Setting("guard", "control_socket", "/run/fsguard/control.sock", _path,
+            "Unix socket (mode 0600) answering fsguard status and fsguard check."),
+    Setting("guard", "metrics_listen", "127.0.0.1:9184", _optional_address,
+            "Prometheus metrics (HTTP, /metrics); empty: off.  Keep it on localhost."),
+    Setting("guard", "log_file", "", _path,
+            "Log file (reopened on SIGUSR1); empty: stderr (journald under systemd)."),
     Setting("guard", "log_level", "info", _choice("debug", "info", "warning", "error"),
             "Log level of the daemon (logs go to stderr)."),
     Setting("switch", "name", REQUIRED, _text, "Name of the FreeSWITCH node, unique."),
@@ -138,12 +216,34 @@ SETTINGS: tuple[Setting, ...] = (
             "ESL password; or use password_env / password_file (exactly one of the three)."),
     Setting("switch", "password_env", "", _optional_text, "Name of an environment variable holding the ESL password."),
     Setting("switch", "password_file", "", _optional_text, "Path of a file holding the ESL password."),
+    Setting("domain", "mode", INHERIT, _choice("enforce", "observe", "off"), "This domain's mode."),
+    Setting("domain", "scope", INHERIT, _choice("all", "offnet", "patterns"), "This domain's scope."),
+    Setting("domain", "scope_patterns", INHERIT, _patterns, "This domain's scope patterns."),
+    Setting("domain", "allow_cidrs", INHERIT, _cidrs, "This domain's allowlist (added to the global one)."),
+    Setting("domain", "identity_binding", INHERIT, _boolean, "Identity binding for this domain."),
+    Setting("domain", "ua_binding", INHERIT, _boolean, "User-Agent binding for this domain."),
+    Setting("domain", "tls_only", INHERIT, _boolean, "TLS-only registrations for this domain."),
+    Setting("domain", "cross_family", INHERIT, _boolean, "Cross-family acceptance for this domain."),
+    Setting("extension", "mode", INHERIT, _choice("enforce", "observe", "off"), "This extension's mode."),
+    Setting("extension", "allow_cidrs", INHERIT, _cidrs, "This extension's allowlist."),
     Setting("audit", "url", "sqlite:////var/lib/fsguard/audit.db", _database_url,
             "Audit database: sqlite:///PATH (default) or postgresql+psycopg://USER@HOST/DB."),
+    Setting("audit", "spool", "", _optional_text,
+            "Local SQLite file keeping decisions the database cannot take yet, written later in order; "
+            "empty: beside a SQLite audit database, else /var/lib/fsguard/audit.spool."),
+    Setting("audit", "queue_size", 10_000, _count(100, 1_000_000),
+            "Decisions held in memory on their way to the database; half full, they move to the spool."),
+    Setting("audit", "batch_size", 100, _count(1, 10_000),
+            "Most decisions written per insert; larger batches hold the event loop longer."),
+    Setting("audit", "write_timeout", 5.0, _seconds(0, 300),
+            "Seconds an insert may take; past it the database counts as failing and decisions go to the spool."),
+    Setting("audit", "retry_interval", 5.0, _seconds(0, 300),
+            "Longest wait, in seconds, between attempts to write to a failing database."),
 )
 
 _SECTIONS = {s.section for s in SETTINGS}
 _LISTS = {"switch"}  # sections written as [[switch]] arrays
+_NAMED = {"domain", "extension"}  # sections written as [domain."NAME"] tables
 
 
 @dataclass(frozen=True)
@@ -157,6 +257,11 @@ class SwitchConfig:
 @dataclass(frozen=True)
 class AuditConfig:
     url: str
+    spool: str = ""
+    queue_size: int = 10_000
+    batch_size: int = 100
+    write_timeout: float = 5.0
+    retry_interval: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +273,10 @@ class Config:
     max_connections: int
     registrations: str
     expiry_margin: float
+    proxy_header: str
+    control_socket: str
+    metrics_listen: tuple[str, int] | None
+    log_file: str
     log_level: str
     switches: tuple[SwitchConfig, ...]
     audit: AuditConfig
@@ -186,7 +295,8 @@ def _section(raw: dict[str, Any], section: str, where: str) -> dict[str, Any]:
         if name not in raw:
             if setting.default is REQUIRED:
                 raise ConfigError(f"{where}.{name}: required")
-            values[name] = setting.validate(setting.default)
+            if setting.default is not INHERIT:
+                values[name] = setting.validate(setting.default)
             continue
         try:
             values[name] = setting.validate(raw[name])
@@ -228,27 +338,74 @@ def _switches(raw: Any) -> tuple[SwitchConfig, ...]:
     return tuple(switches)
 
 
+RULE_KEYS = ("scope", "scope_patterns", "allow_cidrs", "identity_binding", "ua_binding", "tls_only", "cross_family")
+
+
+def _rules(values: dict[str, Any], base: Rules) -> Rules:
+    changes: dict[str, Any] = {k: values[k] for k in RULE_KEYS if k in values and k != "allow_cidrs"}
+    if "mode" in values:
+        changes["mode"] = Mode(values["mode"])
+    if "scope" in changes:
+        changes["scope"] = Scope(changes["scope"])
+    if "allow_cidrs" in values:
+        changes["allow_cidrs"] = values["allow_cidrs"]
+    return replace(base, **changes)
+
+
+def _named(raw: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:
+    tables = raw.get(section, {})
+    if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
+        raise ConfigError(f'{section}: write [{section}."NAME"] tables')
+    return {name.lower(): _section(table, section, f'{section}."{name}"') for name, table in tables.items()}
+
+
+def _policy(guard: dict[str, Any], raw: dict[str, Any]) -> Policy:
+    default = _rules({**guard, "allow_cidrs": ()}, Rules())  # the global allowlist is global_allow_cidrs
+    domains = {name: _rules(values, default) for name, values in _named(raw, "domain").items()}
+    extensions = {}
+    for name, values in _named(raw, "extension").items():
+        if "@" not in name:
+            raise ConfigError(f'extension."{name}": name it USER@DOMAIN')
+        extensions[name] = ExtensionRules(
+            allow_cidrs=values.get("allow_cidrs", ()),
+            mode=Mode(values["mode"]) if "mode" in values else None,
+        )
+    for name, rules in [("guard", default), *domains.items()]:
+        if rules.scope is Scope.PATTERNS and not rules.scope_patterns:
+            where = "guard" if name == "guard" else f'domain."{name}"'
+            raise ConfigError(f"{where}.scope_patterns: scope = \"patterns\" needs at least one pattern")
+    return Policy(
+        on_error=Action(guard["on_error"]),
+        emergency_numbers=frozenset(guard["emergency_numbers"]),
+        trusted_proxies=guard["trusted_proxies"],
+        default=default,
+        domains=domains,
+        extensions=extensions,
+        global_allow_cidrs=guard["allow_cidrs"],
+    )
+
+
 def parse(raw: dict[str, Any], source: str = "") -> Config:
     unknown = sorted(set(raw) - _SECTIONS)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(_SECTIONS))})")
-    for name in _SECTIONS - _LISTS:
+    for name in _SECTIONS - _LISTS - _NAMED:
         if isinstance(raw.get(name), list):
             raise ConfigError(f"{name}: write [{name}], not [[{name}]]")
     guard = _section(raw.get("guard", {}), "guard", "guard")
     audit = _section(raw.get("audit", {}), "audit", "audit")
     return Config(
         listen=guard["listen"],
-        policy=Policy(
-            mode=Mode(guard["mode"]),
-            on_error=Action(guard["on_error"]),
-            emergency_numbers=frozenset(guard["emergency_numbers"]),
-        ),
+        policy=_policy(guard, raw),
         decision_timeout=guard["decision_timeout"],
         command_timeout=guard["command_timeout"],
         max_connections=guard["max_connections"],
         registrations=guard["registrations"],
         expiry_margin=guard["expiry_margin"],
+        proxy_header=guard["proxy_header"],
+        control_socket=guard["control_socket"],
+        metrics_listen=guard["metrics_listen"],
+        log_file=guard["log_file"],
         log_level=guard["log_level"],
         switches=_switches(raw.get("switch")),
         audit=AuditConfig(**audit),

@@ -137,6 +137,7 @@ class Verdict:
     rule: Reason  # the rule that decided; differs from reason only in observe mode
     registered_ips: tuple[str, ...] = ()
     client_ip: str = ""
+    mode: Mode = Mode.ENFORCE  # the mode in force for this call (domain / extension)
 
     @property
     def allowed(self) -> bool:
@@ -280,7 +281,8 @@ def decide(call: CallFacts, registrations: Answer, policy: Policy, now: float) -
             raise ValueError("this call needs registrations to be decided")
         verdict = _registration_rule(ctx, registrations)
     if ctx.mode is Mode.OBSERVE and verdict.action is Action.DENY:
-        return Verdict(Action.ALLOW, Reason.OBSERVE, verdict.rule, verdict.registered_ips, verdict.client_ip)
+        return Verdict(Action.ALLOW, Reason.OBSERVE, verdict.rule, verdict.registered_ips, verdict.client_ip,
+                       Mode.OBSERVE)
     return verdict
 
 
@@ -323,4 +325,4 @@ def _other_family_only(client: IPAddress, live: list[Binding]) -> bool:
 
 
 def _verdict(ctx: Context, action: Action, reason: Reason, ips: tuple[str, ...] = ()) -> Verdict:
-    return Verdict(action, reason, reason, ips, ctx.client_text)
+    return Verdict(action, reason, reason, ips, ctx.client_text, ctx.mode)

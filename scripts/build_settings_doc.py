@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fsguard.config import REQUIRED, SETTINGS  # noqa: E402
+from fsguard.config import INHERIT, REQUIRED, SETTINGS  # noqa: E402
 
 START, END = ".. settings-start", ".. settings-end"
 
@@ -22,13 +22,16 @@ START, END = ".. settings-start", ".. settings-end"
 def _default(value) -> str:
     if value is REQUIRED:
         return "(required)"
+    if value is INHERIT:
+        return "(global value)"
     return "``" + json.dumps(value) + "``"
 
 
 def render() -> str:
     rows = [("setting", "default", "meaning")]
     for setting in SETTINGS:
-        section = f"[[{setting.section}]]" if setting.section == "switch" else f"[{setting.section}]"
+        section = {"switch": "[[switch]]", "domain": '[domain."D"]', "extension": '[extension."U@D"]'}.get(
+            setting.section, f"[{setting.section}]")
         rows.append((f"``{section} {setting.name}``", _default(setting.default), setting.help))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     rule = "  ".join("=" * w for w in widths)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from ..call import CallFacts, facts_from_channel_data
+from ..call import DEFAULT_PROXY_HEADER, CallFacts, facts_from_channel_data
 from ..guard import Decision
 from ..policy import Action
 from .connection import Connection, ESLError
@@ -126,9 +126,11 @@ class OutboundServer:
         command_timeout: float,
         max_connections: int,
         on_outcome: Callable[[CallOutcome], None] | None = None,
+        proxy_header: str = DEFAULT_PROXY_HEADER,
     ) -> None:
         self.decide = decide
         self.command_timeout = command_timeout
+        self.proxy_header = proxy_header
         self.on_outcome = on_outcome
         self.pool = Pool(max_connections)
         self.server = StreamServer(listen, self._handle, spawn=self.pool)
@@ -163,7 +165,7 @@ class OutboundServer:
 
     def _converse(self, talk: CallConversation, outcome: CallOutcome) -> None:
         channel = talk.request(command("connect"))
-        facts = facts_from_channel_data(channel.headers)
+        facts = facts_from_channel_data(channel.headers, self.proxy_header)
         if not facts.uuid:
             raise ProtocolError("connect reply carries no channel data")
         talk.request(command("myevents"))

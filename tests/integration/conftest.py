@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from fsguard.config import parse
@@ -33,10 +35,19 @@ def switch():
     fake.stop()
 
 
-def guard_config(switch_address, tmp_path, switches=None, **guard):
+def short_dir() -> str:
+    # A Unix socket path must fit in 108 bytes: pytest's tmp_path may not.
+    return tempfile.mkdtemp(prefix="fsg-")
+
+
+def guard_config(switch_address, tmp_path, switches=None, domain=None, extension=None, **guard):
     host, port = switch_address
+    settings = {"listen": "127.0.0.1:0", "command_timeout": 2.0, "metrics_listen": "",
+                "control_socket": f"{short_dir()}/control.sock", **guard}
     return parse({
-        "guard": {"listen": "127.0.0.1:0", "command_timeout": 2.0, **guard},
+        "guard": settings,
+        "domain": domain or {},
+        "extension": extension or {},
         "switch": switches or [{"name": "fs1", "esl": f"{host}:{port}", "password": "ClueCon"}],
         "audit": {"url": f"sqlite:///{tmp_path}/audit.db"},
     })

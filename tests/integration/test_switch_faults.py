@@ -56,21 +56,12 @@ def test_emergency_is_allowed_even_when_lookups_fail(registrations, switch, star
     assert result.outcome == "continued" and result.variables["fsguard_reason"] == "emergency"
 
 
-def test_wrong_esl_password_is_a_failed_lookup(switch, start_daemon, tmp_path):
-    from fsguard.config import parse
-    from fsguard.daemon import Daemon
-
+def test_wrong_esl_password_is_a_failed_lookup(switch, start_daemon):
     host, port = switch.address
-    config = parse({"guard": {"listen": "127.0.0.1:0", "registrations": "live"},
-                    "switch": [{"name": "fs1", "esl": f"{host}:{port}", "password": "WrongPassword"}],
-                    "audit": {"url": f"sqlite:///{tmp_path}/a.db"}})
-    daemon = Daemon(config)
-    daemon.start()
-    try:
-        result = place_call(daemon.server.address, ALLOWED_IP)
-        assert result.outcome == "rejected"
-    finally:
-        daemon.stop(1.0)
+    daemon = start_daemon(switch, registrations="live", switches=[
+        {"name": "fs1", "esl": f"{host}:{port}", "password": "WrongPassword"}])
+    result = place_call(daemon.server.address, ALLOWED_IP)
+    assert result.outcome == "rejected"
 
 
 def test_two_switches_one_down_registered_on_the_other(switch, start_daemon):

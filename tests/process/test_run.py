@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import gevent
@@ -18,6 +19,8 @@ from fsguard.testing.switch import FakeSwitch, Registration
 
 def write_config(path: Path, listen: str, switch_address, **guard) -> Path:
     host, port = switch_address
+    guard.setdefault("metrics_listen", "")
+    guard.setdefault("control_socket", f"{tempfile.mkdtemp(prefix='fsg-')}/control.sock")
     extra = "".join(f"{key} = {value!r}\n".replace("'", '"') for key, value in guard.items())
     path.write_text(
         f'[guard]\nlisten = "{listen}"\ncommand_timeout = 2.0\n{extra}'
@@ -49,10 +52,15 @@ class Daemon:
                     return match
 
     def address(self) -> tuple[str, int]:
-        match = self.wait_for_line(r"listening on (\S+):(\d+)")
-        return match.group(1), int(match.group(2))
+        match = self.wait_for_line(r"listening on (\S+):(\d+) .* metrics=(\S+)")
+        self.address_seen = match.group(1), int(match.group(2))
+        metrics = match.group(3)
+        self.metrics_port = int(metrics.rsplit(":", 1)[1]) if metrics != "off" else None
+        return self.address_seen
 
     def stop(self, timeout: float = 20.0) -> int:
+        if self.process.stderr.closed:
+            return self.process.returncode
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout=timeout)

@@ -104,3 +104,49 @@ def test_cli_exits_78_with_the_setting_named(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 78
     assert "guard.decision_timeout" in result.stderr
+
+
+def test_policy_settings_and_per_domain_overrides():
+    from fsguard.policy import Mode, Scope
+
+    config = parse({
+        **SWITCH,
+        "guard": {"scope": "offnet", "allow_cidrs": ["198.51.100.0/24"], "trusted_proxies": ["192.0.2.5"],
+                  "identity_binding": True},
+        "domain": {"Tenant-B.test": {"mode": "observe", "scope": "patterns", "scope_patterns": ["^00"],
+                                     "allow_cidrs": ["2001:db8::/32"]}},
+        "extension": {"1001@tenant-a.test": {"allow_cidrs": ["203.0.113.7"], "mode": "off"}},
+    })
+    policy = config.policy
+    assert policy.default.scope is Scope.OFFNET and policy.default.identity_binding
+    assert [str(n) for n in policy.global_allow_cidrs] == ["198.51.100.0/24"]
+    assert [str(n) for n in policy.trusted_proxies] == ["192.0.2.5/32"]
+    b = policy.rules_for("tenant-b.test")
+    assert b.mode is Mode.OBSERVE and b.scope is Scope.PATTERNS and b.identity_binding  # inherited
+    assert b.scope_patterns[0].pattern == "^00" and [str(n) for n in b.allow_cidrs] == ["2001:db8::/32"]
+    assert policy.rules_for("tenant-a.test") == policy.default
+    extension = policy.extensions["1001@tenant-a.test"]
+    assert extension.mode is Mode.OFF and [str(n) for n in extension.allow_cidrs] == ["203.0.113.7/32"]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"guard": {"allow_cidrs": ["10.0.0.0/33"]}}, "guard.allow_cidrs: '10.0.0.0/33' is not an IP network"),
+        ({"guard": {"allow_cidrs": "10.0.0.0/8"}}, "guard.allow_cidrs: must be a list"),
+        ({"guard": {"scope": "patterns"}}, "guard.scope_patterns: scope = \"patterns\" needs at least one pattern"),
+        ({"guard": {"scope_patterns": ["("]}}, "guard.scope_patterns: '(' is not a regular expression"),
+        ({"guard": {"identity_binding": "yes"}}, "guard.identity_binding: must be true or false"),
+        ({"guard": {"proxy_header": "X AUTH"}}, "guard.proxy_header"),
+        ({"guard": {"metrics_listen": "9184"}}, "guard.metrics_listen"),
+        ({"domain": {"t.test": {"mode": "loud"}}}, 'domain."t.test".mode: must be one of enforce, observe, off'),
+        ({"domain": {"t.test": {"listen": "x"}}}, 'domain."t.test".listen: unknown setting'),
+        ({"domain": {"t.test": {"scope": "patterns"}}}, 'domain."t.test".scope_patterns: scope = "patterns" needs'),
+        ({"domain": ["x"]}, 'domain: write [domain."NAME"] tables'),
+        ({"extension": {"1001": {"mode": "off"}}}, 'extension."1001": name it USER@DOMAIN'),
+        ({"extension": {"1001@t": {"scope": "all"}}}, 'extension."1001@t".scope: unknown setting'),
+    ],
+)
+def test_bad_policy_settings_name_the_setting(raw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse({**SWITCH, **raw})

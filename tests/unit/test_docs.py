@@ -24,3 +24,16 @@ def test_readme_has_exactly_the_two_setup_commands_and_ci_uses_the_test_one():
     readme = (ROOT / "README.rst").read_text()
     assert readme.count("    ./dev.sh run\n") == 1 and readme.count("    ./dev.sh test\n") == 1
     assert "./dev.sh test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_rule_table_is_the_one_in_policy():
+    source = (ROOT / "fsguard" / "policy.py").read_text()
+    table = source[source.index("====  =="):source.index("Observe mode turns")].strip()
+    assert table in (ROOT / "README.rst").read_text()
+
+
+def test_readme_is_valid_restructuredtext():
+    import docutils.core
+
+    docutils.core.publish_string((ROOT / "README.rst").read_text(), writer="null",
+                                 settings_overrides={"report_level": 2, "halt_level": 2})
