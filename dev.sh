@@ -23,7 +23,7 @@ venv() {
   python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { echo "fsguard needs Python >= 3.11 (found $(python3 --version))" >&2; exit 1; }
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q --upgrade pip setuptools wheel  # the packaging test builds a wheel without isolation
   .venv/bin/pip install -q "$@"
 }
 
@@ -38,8 +38,10 @@ case "${1:-}" in
   run)
     venv -e .
     mkdir -p var
-    # The example config, with the audit database under ./var so that no root is needed.
-    sed 's|^url = .*|url = "sqlite:///var/audit.db"|' fsguard.example.toml > var/fsguard.toml
+    # The example config, with the audit database and control socket under ./var (no root needed).
+    sed -e 's|^url = .*|url = "sqlite:///var/audit.db"|' \
+        -e 's|^control_socket = .*|control_socket = "var/control.sock"|' \
+        fsguard.example.toml > var/fsguard.toml
     exec .venv/bin/fsguard run --config var/fsguard.toml
     ;;
   test)
