@@ -114,6 +114,8 @@ def facts_from_channel_data(headers: dict[str, str], proxy_header: str = DEFAULT
             if value:
                 values[name] = value
                 break
+    values.setdefault("uuid", "")  # missing: the caller refuses such channel data
+    values.setdefault("source_ip", "")
     values["proxy_client_ip"] = headers.get(f"variable_sip_h_{proxy_header}", "").strip()
     values["aliases"] = tuple(dict.fromkeys(a for a in (headers.get(h, "") for h in _ALIASES) if a))
     return CallFacts(**values)

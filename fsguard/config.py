@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -131,6 +132,12 @@ def _path(value: Any) -> str:
     return value
 
 
+def _secret(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string (value not shown)")
+    return value
+
+
 def _database_url(value: Any) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -175,7 +182,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("guard", "command_timeout", 5.0, _seconds(0, 60),
             "Seconds to wait for FreeSWITCH at each step of the outbound conversation."),
     Setting("guard", "max_connections", 1000, _count(1, 100_000),
-            "Outbound connections handled at once (concurrent calls being decided)."),
+            "Calls decided at once; past it, calls get the over_capacity verdict without a lookup."),
+    Setting("guard", "over_capacity", "deny", _choice("deny", "allow"),
+            "Verdict for a call that needs a lookup while max_connections calls are already being decided."),
+    Setting("guard", "accept_from", [], _cidrs,
+            "Addresses allowed to connect to guard.listen; empty: loopback and the [[switch]] hosts. "
+            "Others are closed at once and counted."),
     Setting("guard", "registrations", "cache", _choice("cache", "live"),
             "cache: watch sofia events and answer from memory (live lookups only where the cache "
             "cannot know); live: one sofia xmlstatus lookup per call."),
@@ -212,7 +224,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Log level of the daemon (logs go to stderr)."),
     Setting("switch", "name", REQUIRED, _text, "Name of the FreeSWITCH node, unique."),
     Setting("switch", "esl", "127.0.0.1:8021", _address, "Inbound ESL address of the node."),
-    Setting("switch", "password", "", _optional_text,
+    Setting("switch", "password", "", _secret,
             "ESL password; or use password_env / password_file (exactly one of the three)."),
     Setting("switch", "password_env", "", _optional_text, "Name of an environment variable holding the ESL password."),
     Setting("switch", "password_file", "", _optional_text, "Path of a file holding the ESL password."),
@@ -274,6 +286,7 @@ class Config:
     registrations: str
     expiry_margin: float
     proxy_header: str
+    accept_from: tuple
     control_socket: str
     metrics_listen: tuple[str, int] | None
     log_file: str
@@ -320,6 +333,25 @@ def _password(values: dict[str, Any], where: str) -> str:
         except OSError as exc:
             raise ConfigError(f"{where}.password_file: cannot read: {exc.strerror}") from None
     return values["password"]
+
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _switch_sources(switches: tuple[SwitchConfig, ...]) -> tuple:
+    """Default accept_from: loopback, and each switch's address (resolved once, at load)."""
+    networks = list(LOOPBACK)
+    for index, switch in enumerate(switches):
+        try:
+            infos = socket.getaddrinfo(switch.host, None, proto=socket.IPPROTO_TCP)
+        except OSError as exc:
+            raise ConfigError(f"switch[{index}].esl: cannot resolve {switch.host!r} ({exc}); "
+                              f"set guard.accept_from explicitly") from None
+        for info in infos:
+            network = ipaddress.ip_network(info[4][0].split("%")[0])
+            if not any(network.subnet_of(n) for n in networks if n.version == network.version):
+                networks.append(network)
+    return tuple(networks)
 
 
 def _switches(raw: Any) -> tuple[SwitchConfig, ...]:
@@ -376,6 +408,7 @@ def _policy(guard: dict[str, Any], raw: dict[str, Any]) -> Policy:
             raise ConfigError(f"{where}.scope_patterns: scope = \"patterns\" needs at least one pattern")
     return Policy(
         on_error=Action(guard["on_error"]),
+        over_capacity=Action(guard["over_capacity"]),
         emergency_numbers=frozenset(guard["emergency_numbers"]),
         trusted_proxies=guard["trusted_proxies"],
         default=default,
@@ -394,6 +427,7 @@ def parse(raw: dict[str, Any], source: str = "") -> Config:
             raise ConfigError(f"{name}: write [{name}], not [[{name}]]")
     guard = _section(raw.get("guard", {}), "guard", "guard")
     audit = _section(raw.get("audit", {}), "audit", "audit")
+    switches = _switches(raw.get("switch"))
     return Config(
         listen=guard["listen"],
         policy=_policy(guard, raw),
@@ -403,11 +437,12 @@ def parse(raw: dict[str, Any], source: str = "") -> Config:
         registrations=guard["registrations"],
         expiry_margin=guard["expiry_margin"],
         proxy_header=guard["proxy_header"],
+        accept_from=guard["accept_from"] or _switch_sources(switches),
         control_socket=guard["control_socket"],
         metrics_listen=guard["metrics_listen"],
         log_file=guard["log_file"],
         log_level=guard["log_level"],
-        switches=_switches(raw.get("switch")),
+        switches=switches,
         audit=AuditConfig(**audit),
         source=source,
     )

@@ -75,6 +75,7 @@ class Daemon:
             max_connections=config.max_connections,
             on_outcome=self._record,
             proxy_header=config.proxy_header,
+            accept_from=config.accept_from,
         )
         self.audit = audit if audit is not None else _audit_writer(config)
         self.recent = RecentDecisions()
@@ -199,6 +200,7 @@ class Daemon:
         self.guard.decision_timeout = new.decision_timeout
         self.server.command_timeout = new.command_timeout
         self.server.proxy_header = new.proxy_header
+        self.server.accept_from = new.accept_from
         logging.getLogger().setLevel(new.log_level.upper())
         self.config = new
         log.info("configuration reloaded: mode=%s on_error=%s domains=%d", new.policy.mode,
@@ -247,6 +249,7 @@ class Daemon:
             "switches": switches,
             "decisions": self.recent.summary(),
             "calls_in_progress": len(self.server.pool),
+            "refused_connections": sum(self.server.refused.values()),
             "audit": self.audit.stats() if self.audit is not None else None,
         }
 

@@ -43,11 +43,16 @@ class Guard:
         self.decision_timeout = decision_timeout
         self.clock = clock
 
-    def decide(self, call: CallFacts) -> Decision:
+    def decide(self, call: CallFacts, may_look_up: bool = True) -> Decision:
+        """Decide ``call``; with ``may_look_up`` False (over capacity) a call that
+        needs registrations gets the ``over_capacity`` verdict instead of waiting."""
         started = time.perf_counter()
         answer: Registrations | Unchecked | None = None
         error = ""
-        if needs_registrations(call, self.policy, self.clock()):
+        needed = needs_registrations(call, self.policy, self.clock())
+        if needed and not may_look_up:
+            answer, error = Unchecked.OVER_CAPACITY, "too many calls in progress"
+        elif needed:
             try:
                 with gevent.Timeout(self.decision_timeout):
                     answer, error = self._lookup(call)

@@ -19,7 +19,9 @@ step  rule                decides when                                         v
 7     allowlist           the client IP is in a global, domain or extension    allow (allowlisted)
                           allowlist
 8     lookup              registrations could not be checked                   on_error (lookup-failed
-                                                                               / timeout)
+                                                                               / timeout); over_capacity
+                                                                               (over-capacity) when too
+                                                                               many calls are in progress
 9     registered IP       the client IP is one of user@domain's unexpired      allow (registered-ip),
                           registered IPs (TLS-only: registered over TLS);      or deny (ua-mismatch)
                           UA binding on: the User-Agent must match one of
@@ -83,6 +85,7 @@ class Reason(enum.StrEnum):
     OTHER_FAMILY = "other-family"
     NOT_REGISTERED = "not-registered"
     IP_NOT_REGISTERED = "ip-not-registered"
+    OVER_CAPACITY = "over-capacity"
     OBSERVE = "observe"
     INTERNAL_ERROR = "internal-error"
 
@@ -115,6 +118,7 @@ class ExtensionRules:
 @dataclass(frozen=True, slots=True)
 class Policy:
     on_error: Action = Action.DENY
+    over_capacity: Action = Action.DENY
     emergency_numbers: frozenset[str] = frozenset(DEFAULT_EMERGENCY_NUMBERS)
     trusted_proxies: tuple[Network, ...] = ()
     default: Rules = Rules()
@@ -145,10 +149,11 @@ class Verdict:
 
 
 class Unchecked(enum.Enum):
-    """Why registrations are missing: lookup failed or ran out of time."""
+    """Why registrations are missing: lookup failed, ran out of time, or no room to look."""
 
     LOOKUP_FAILED = Reason.LOOKUP_FAILED
     TIMEOUT = Reason.TIMEOUT
+    OVER_CAPACITY = Reason.OVER_CAPACITY
 
 
 Answer = Registrations | Unchecked | None
@@ -288,7 +293,8 @@ def decide(call: CallFacts, registrations: Answer, policy: Policy, now: float) -
 
 def _registration_rule(ctx: Context, answer: Registrations | Unchecked) -> Verdict:
     if isinstance(answer, Unchecked):
-        return _verdict(ctx, ctx.policy.on_error, answer.value)
+        action = ctx.policy.over_capacity if answer is Unchecked.OVER_CAPACITY else ctx.policy.on_error
+        return _verdict(ctx, action, answer.value)
     live = _live_bindings(ctx, answer.bindings)
     ips = tuple(sorted({b.network_ip for b in live}))
     matching = [b for b in live if b.address == ctx.client] if ctx.client is not None else []

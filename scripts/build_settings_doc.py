@@ -1,4 +1,5 @@
-"""Write README.rst's settings table from fsguard.config.SETTINGS (the one source).
+"""Write README.rst's settings table (from fsguard.config.SETTINGS) and rule
+table (from fsguard.policy's docstring): the code is the one source.
 
     .venv/bin/python scripts/build_settings_doc.py
 
@@ -17,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 from fsguard.config import INHERIT, REQUIRED, SETTINGS  # noqa: E402
 
 START, END = ".. settings-start", ".. settings-end"
+RULES_START, RULES_END = ".. rules-start", ".. rules-end"
 
 
 def _default(value) -> str:
@@ -41,10 +43,19 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def rule_table() -> str:
+    source = (ROOT / "fsguard" / "policy.py").read_text()
+    return source[source.index("====  =="):source.index("Observe mode turns")].strip()
+
+
+def _between(text: str, start: str, end: str, body: str) -> str:
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n\n{body}\n\n{end}{tail}"
+
+
 def updated(readme: str) -> str:
-    head, _, rest = readme.partition(START)
-    _, _, tail = rest.partition(END)
-    return f"{head}{START}\n\n{render()}\n\n{END}{tail}"
+    return _between(_between(readme, START, END, render()), RULES_START, RULES_END, rule_table())
 
 
 if __name__ == "__main__":

@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 
 
 
+def _describe(command: str) -> str:
+    """A command for a log line: never the password of ``auth``."""
+    words = command.split(" ", 2)
+    return "auth ***" if words[0] == "auth" else " ".join(words[:2])
+
+
 class SwitchClient(InboundESL):
     """One authenticated inbound ESL connection."""
 
@@ -142,7 +148,7 @@ class SwitchClient(InboundESL):
                 self.sock.sendall(f"{data}\n\n".encode())
                 return result.get(timeout=timeout)
             except gevent.Timeout:
-                self._abort(f"no reply to {data.split(' ', 2)[:2]} within {timeout:g}s")
+                self._abort(f"no reply to {_describe(data)!r} within {timeout:g}s")
                 raise NotConnectedError(self.close_reason) from None
             except OSError as exc:
                 self._abort(f"send failed: {exc}")

@@ -23,22 +23,26 @@ closes the socket; the shipped dialplan refuses every call whose
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from ..call import DEFAULT_PROXY_HEADER, CallFacts, facts_from_channel_data
+from ..call import DEFAULT_PROXY_HEADER, facts_from_channel_data, parse_ip
 from ..guard import Decision
 from ..policy import Action
 from .connection import Connection, ESLError
 from .protocol import Event, Message, ProtocolError, command, execute, hangup
 
 log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 HANGUP_EVENTS = frozenset({"CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE"})
 
@@ -104,6 +108,12 @@ class CallConversation:
             self.hung_up = True
 
 
+def _accepted(reply: Message) -> None:
+    """A command FreeSWITCH refused (-ERR) will not take effect: say so now, not at the deadline."""
+    if not reply.ok:
+        raise ESLError(f"FreeSWITCH refused the command: {reply.reply_text or reply.text!r}")
+
+
 def _is_verdict_set(event: Event) -> bool:
     return (
         event.name == "CHANNEL_EXECUTE_COMPLETE"
@@ -117,23 +127,39 @@ def _is_hangup(event: Event) -> bool:
 
 
 class OutboundServer:
-    """Accepts FreeSWITCH's outbound connections and decides each call."""
+    """Accepts FreeSWITCH's outbound connections and decides each call.
+
+    Only addresses in ``accept_from`` may connect; others are closed at once
+    and counted.  Up to ``max_connections`` calls are decided normally; past
+    that, a small overflow is still answered at once without a lookup (the
+    ``over_capacity`` verdict; emergency and uncredentialed calls keep their
+    usual verdict), so no call is dropped without a verdict.  Beyond the
+    overflow (3 x max_connections, at least 256) the kernel's backlog holds
+    connections until a slot frees.
+    """
 
     def __init__(
         self,
         listen: tuple[str, int],
-        decide: Callable[[CallFacts], Decision],
+        decide: Callable[..., Decision],
         command_timeout: float,
         max_connections: int,
         on_outcome: Callable[[CallOutcome], None] | None = None,
         proxy_header: str = DEFAULT_PROXY_HEADER,
+        accept_from: tuple[Network, ...] = (),
     ) -> None:
         self.decide = decide
         self.command_timeout = command_timeout
         self.proxy_header = proxy_header
         self.on_outcome = on_outcome
-        self.pool = Pool(max_connections)
-        self.server = StreamServer(listen, self._handle, spawn=self.pool)
+        self.accept_from = accept_from
+        self.max_connections = max_connections
+        self.refused: Counter[str] = Counter()  # source address -> connections refused
+        # The overflow is answered without a lookup; greenlets are cheap, so it is
+        # large: idle or trickling connections (cut at command_timeout) cannot
+        # push a real call into the kernel's backlog.
+        self.pool = Pool(max_connections + max(256, 3 * max_connections))
+        self.server = StreamServer(listen, self._accept, spawn=self.pool, backlog=1024)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -147,11 +173,21 @@ class OutboundServer:
         """Stop accepting; wait up to ``grace`` seconds for calls in progress."""
         self.server.stop(timeout=grace)
 
-    def _handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    def _accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        source = parse_ip(peer[0])
+        if self.accept_from and not (source is not None and any(source in net for net in self.accept_from)):
+            sock.close()
+            if not self.refused[peer[0]]:
+                log.warning("refused outbound connection from %s: not in guard.accept_from", peer[0])
+            self.refused[peer[0]] += 1
+            return
+        self._handle(sock, peer, may_look_up=len(self.pool) <= self.max_connections)
+
+    def _handle(self, sock: socket.socket, peer: tuple[str, int], may_look_up: bool = True) -> None:
         connection = Connection(sock)
         outcome = CallOutcome()
         try:
-            self._converse(CallConversation(connection, self.command_timeout), outcome)
+            self._converse(CallConversation(connection, self.command_timeout), outcome, may_look_up)
         except ESLError as exc:
             outcome.error = str(exc)
         except ProtocolError as exc:
@@ -163,23 +199,23 @@ class OutboundServer:
             connection.close()
         self._report(outcome, peer)
 
-    def _converse(self, talk: CallConversation, outcome: CallOutcome) -> None:
+    def _converse(self, talk: CallConversation, outcome: CallOutcome, may_look_up: bool = True) -> None:
         channel = talk.request(command("connect"))
         facts = facts_from_channel_data(channel.headers, self.proxy_header)
         if not facts.uuid:
             raise ProtocolError("connect reply carries no channel data")
         talk.request(command("myevents"))
         talk.request(command("linger"))
-        outcome.decision = decision = self.decide(facts)
+        outcome.decision = decision = self.decide(facts, may_look_up)
         try:
             if talk.hung_up:
                 raise CallGone()  # the caller gave up while we decided (CANCEL)
             if decision.verdict.action is Action.DENY:
-                talk.request(hangup("CALL_REJECTED"))
+                _accepted(talk.request(hangup("CALL_REJECTED")))
                 talk.wait_for(_is_hangup)  # our own hangup: the refusal took effect
             else:
-                talk.request(execute("set", f"fsguard_reason={decision.verdict.reason}"))
-                talk.request(execute("set", f"fsguard_verdict={decision.verdict.action}"))
+                _accepted(talk.request(execute("set", f"fsguard_reason={decision.verdict.reason}")))
+                _accepted(talk.request(execute("set", f"fsguard_verdict={decision.verdict.action}")))
                 talk.wait_for(_is_verdict_set)
             outcome.effective = True
         except CallGone:

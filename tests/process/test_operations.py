@@ -152,3 +152,28 @@ def test_systemd_ready_and_watchdog_pings_stop_when_the_daemon_hangs(switch, tmp
     finally:
         daemon.stop()
         receiver.close()
+
+
+def test_sigusr1_reopens_the_log_file_after_rotation(switch, tmp_path):
+    log_file = tmp_path / "fsguard.log"
+    config = write_config(tmp_path / "fsguard.toml", "127.0.0.1:0", switch.address, log_file=str(log_file))
+    daemon = Daemon(config)
+    try:
+        for _ in range(200):  # the daemon logs to the file, not stderr: wait for its first line
+            if log_file.exists() and "listening on" in log_file.read_text():
+                break
+            gevent.sleep(0.05)
+        port = int(re.search(r"listening on 127.0.0.1:(\d+)", log_file.read_text()).group(1))
+        log_file.rename(tmp_path / "fsguard.log.1")  # logrotate moves it away
+        daemon.process.send_signal(signal.SIGUSR1)
+        for _ in range(200):
+            if log_file.exists() and "log file reopened" in log_file.read_text():
+                break
+            gevent.sleep(0.05)
+        place_call(("127.0.0.1", port), CallScenario(base="out-deny-respond-603"))
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=20) == 0
+        assert "verdict=deny" in log_file.read_text()
+        assert "verdict=deny" not in (tmp_path / "fsguard.log.1").read_text()
+    finally:
+        daemon.stop()
