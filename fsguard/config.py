@@ -96,28 +96,30 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _cidrs(value: Any) -> tuple:
-    if not isinstance(value, list):
-        raise ValueError(f"must be a list of CIDRs, got {value!r}")
-    networks = []
-    for item in value:
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except (TypeError, ValueError):
-            raise ValueError(f"{item!r} is not an IP network (e.g. 192.0.2.0/24, 2001:db8::/32)") from None
-    return tuple(networks)
+def _list_of(parse: Callable[[Any], Any], what: str, example: str) -> Callable[[Any], tuple]:
+    def validate(value: Any) -> tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list of {what}, got {value!r}")
+        items = []
+        for item in value:
+            try:
+                items.append(parse(item))
+            except (TypeError, ValueError, re.error) as exc:
+                raise ValueError(f"{item!r} is not {example}: {exc}") from None
+        return tuple(items)
+
+    return validate
 
 
-def _patterns(value: Any) -> tuple:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"must be a list of regular expressions, got {value!r}")
-    compiled = []
-    for item in value:
-        try:
-            compiled.append(re.compile(item))
-        except re.error as exc:
-            raise ValueError(f"{item!r} is not a regular expression: {exc}") from None
-    return tuple(compiled)
+def _regex(item: Any) -> re.Pattern[str]:
+    if not isinstance(item, str) or not item:
+        raise ValueError("expected a non-empty string")
+    return re.compile(item)
+
+
+_cidrs = _list_of(lambda item: ipaddress.ip_network(item, strict=False), "CIDRs",
+                  "an IP network (e.g. 192.0.2.0/24, 2001:db8::/32)")
+_patterns = _list_of(_regex, "regular expressions", "a regular expression")
 
 
 def _header(value: Any) -> str:

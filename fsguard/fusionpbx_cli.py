@@ -98,6 +98,26 @@ def _follow_up(echo: Any = click.echo) -> None:
     echo("Then test a call as in freeswitch-conf/fusionpbx/README.rst, section Verify.")
 
 
+def _run_plan(command: str, url: str, dry_run: bool, make_plan):
+    """One transaction: read FusionPBX's state, plan, then print (dry run) or write the plan."""
+    from . import fusionpbx as fp
+
+    try:
+        with fp.transaction(url, commit=not dry_run) as connection:
+            schema = fp.load_schema(connection)
+            if not dry_run:
+                fp.lock(connection)
+            state = fp.read_state(connection, schema)
+            plan = make_plan(state)
+            if dry_run:
+                _print_dry_run(command, url, plan, connection)
+            else:
+                fp.execute(connection, plan)
+    except fp.FusionPBXError as exc:
+        _fail(exc)
+    return state, plan
+
+
 @fusionpbx.command()
 @_DB_URL
 @click.option("--address", default=DEFAULT_ADDRESS, show_default=True, callback=_address, metavar="HOST:PORT",
@@ -114,19 +134,7 @@ def install(db_url: str, address: str, mode: str, dry_run: bool) -> None:
         wanted = fp.entries(address, mode)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--address") from None
-    try:
-        with fp.transaction(url, commit=not dry_run) as connection:
-            schema = fp.load_schema(connection)
-            if not dry_run:
-                fp.lock(connection)
-            state = fp.read_state(connection, schema)
-            plan = fp.plan_install(state, wanted)
-            if dry_run:
-                _print_dry_run("install", url, plan, connection)
-            else:
-                fp.execute(connection, plan)
-    except fp.FusionPBXError as exc:
-        _fail(exc)
+    state, plan = _run_plan("install", url, dry_run, lambda state: fp.plan_install(state, wanted))
     if dry_run:
         return
     click.echo(f"FusionPBX database {fp.safe_url(url)}:")
@@ -157,19 +165,7 @@ def uninstall(db_url: str, dry_run: bool) -> None:
     from . import fusionpbx as fp
 
     url = _url(db_url)
-    try:
-        with fp.transaction(url, commit=not dry_run) as connection:
-            schema = fp.load_schema(connection)
-            if not dry_run:
-                fp.lock(connection)
-            state = fp.read_state(connection, schema)
-            plan = fp.plan_uninstall(state)
-            if dry_run:
-                _print_dry_run("uninstall", url, plan, connection)
-            else:
-                fp.execute(connection, plan)
-    except fp.FusionPBXError as exc:
-        _fail(exc)
+    state, plan = _run_plan("uninstall", url, dry_run, fp.plan_uninstall)
     if dry_run:
         return
     click.echo(f"FusionPBX database {fp.safe_url(url)}:")
