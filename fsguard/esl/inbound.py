@@ -102,6 +102,8 @@ class SwitchClient(InboundESL):
         else:
             try:
                 event = message.event()
+                if event is not None:
+                    event.headers  # decode the whole block now, so that a bad one is caught here
             except ProtocolError as exc:
                 # Framing is intact (Content-Length): skip this event, keep the connection.
                 log.warning("%s:%s: unreadable event skipped: %s", self.host, self.port, exc)
