@@ -120,6 +120,60 @@ def plain_field(block: bytes, name: str) -> str | None:
     return decode_value(block[start : end if end >= 0 else len(block)].rstrip(b"\r"))
 
 
+class BlockHeaders(Mapping[str, str]):
+    """The headers of one raw block, read where they are needed.
+
+    Looking one header up (``get``, ``[]``, ``in``) finds its line in the
+    raw bytes (C-speed ``find``) and decodes that value only; iterating
+    splits and validates the whole block once.  A call's channel data has
+    ~180 headers and each of its events ~250, of which fsguard reads a few:
+    decoding them all was most of a decision's CPU (outbound benchmark).
+    """
+
+    __slots__ = ("_block", "_found", "_all")
+
+    def __init__(self, block: bytes) -> None:
+        self._block = block
+        self._found: dict[str, str | None] = {}
+        self._all: Headers | None = None
+
+    def _lookup(self, name: str) -> str | None:
+        if self._all is not None or not name.isascii():
+            return self._decoded().get(name)
+        try:
+            return self._found[name]
+        except KeyError:
+            value = self._found[name] = plain_field(self._block, name)
+            return value
+
+    def __getitem__(self, name: str) -> str:
+        value = self._lookup(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def get(self, name: str, default=None):  # type: ignore[override]
+        value = self._lookup(name)
+        return default if value is None else value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._lookup(name) is not None
+
+    def _decoded(self) -> Headers:
+        if self._all is None:
+            self._all = decode_header_block(self._block)
+        return self._all
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __repr__(self) -> str:
+        return f"BlockHeaders({dict(self)!r})"
+
+
 @dataclass(slots=True)
 class Message:
     """One ESL message: its outer headers and raw body."""
@@ -159,40 +213,22 @@ class Message:
         return None
 
 
+@dataclass(slots=True)
 class Event:
-    """An ESL event: its headers plus the optional inner body.
+    """An ESL event: its headers (read on demand for plain events) plus the optional inner body."""
 
-    A plain event keeps its raw header block: ``get()`` finds one header
-    without decoding the others (a call's CHANNEL_EXECUTE events are ~6 KB
-    and fsguard reads three of their ~250 headers); ``headers`` decodes the
-    whole block on first use.
-    """
-
-    __slots__ = ("_headers", "_block", "body")
-
-    def __init__(self, headers: Mapping[str, str] | None = None, body: str = "", block: bytes | None = None) -> None:
-        self._headers = headers
-        self._block = block
-        self.body = body
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        if self._headers is None:
-            self._headers = decode_header_block(self._block or b"")
-        return self._headers
+    headers: Mapping[str, str]
+    body: str = ""
 
     @property
     def name(self) -> str:
-        return self.get("Event-Name", "") or ""
+        return self.headers.get("Event-Name", "")
 
     @property
     def subclass(self) -> str:
-        return self.get("Event-Subclass", "") or ""
+        return self.headers.get("Event-Subclass", "")
 
     def get(self, key: str, default: str | None = None) -> str | None:
-        if self._headers is None and self._block is not None:
-            value = plain_field(self._block, key)
-            return default if value is None else value
         return self.headers.get(key, default)
 
 
@@ -201,11 +237,12 @@ def parse_plain_event(body: bytes, max_headers: int = MAX_HEADERS) -> Event:
     lines = block.count(b"\n") + 1
     if lines > max_headers:
         raise ProtocolError(f"too many header lines ({lines} > {max_headers})")
+    headers = BlockHeaders(block)
     inner = b""
-    length = plain_field(block, "Content-Length") if sep else None
+    length = headers.get("Content-Length") if sep else None
     if length is not None:
         inner = rest[: _content_length(length)]
-    return Event(body=inner.decode("utf-8", "replace"), block=block)
+    return Event(headers, inner.decode("utf-8", "replace"))
 
 
 def parse_json_event(body: bytes) -> Event:
@@ -278,7 +315,10 @@ class MessageReader:
             if self.commands:
                 first_line, _, block = block.partition(b"\n")
                 first = first_line.decode("utf-8", "replace").rstrip("\r")
-            headers = decode_header_block(block, self.max_headers)
+            lines = block.count(b"\n") + 1
+            if lines > self.max_headers:
+                raise ProtocolError(f"too many header lines ({lines} > {self.max_headers})")
+            headers = BlockHeaders(block)
             message = Message(headers, command=first)
             length = headers.get("Content-Length")
             if length is None:
