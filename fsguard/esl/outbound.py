@@ -70,15 +70,23 @@ class CallConversation:
         self.events: list[Event] = []
         self.hung_up = False
 
-    def request(self, data: bytes) -> Message:
-        """Send one command and return its reply; events seen meanwhile are kept."""
-        self.connection.send(data)
+    def request(self, *commands: bytes) -> list[Message]:
+        """Send commands in one write and return their replies, in order.
+
+        FreeSWITCH answers an outbound socket's commands one by one, in the
+        order they arrive, so pipelining them saves round trips without
+        changing what is said.  Events seen meanwhile are kept.
+        """
+        self.connection.send(b"".join(commands))
         deadline = time.monotonic() + self.timeout
-        while True:
+        replies: list[Message] = []
+        while len(replies) < len(commands):
             message = self.connection.read(max(deadline - time.monotonic(), 0.001))
             if message.is_reply:
-                return message
-            self._note(message)
+                replies.append(message)
+            else:
+                self._note(message)
+        return replies
 
     def wait_for(self, wanted: Callable[[Event], bool]) -> Event:
         """Wait for an event of this call; raise CallGone if the caller hangs up first."""
@@ -108,10 +116,11 @@ class CallConversation:
             self.hung_up = True
 
 
-def _accepted(reply: Message) -> None:
+def _accepted(*replies: Message) -> None:
     """A command FreeSWITCH refused (-ERR) will not take effect: say so now, not at the deadline."""
-    if not reply.ok:
-        raise ESLError(f"FreeSWITCH refused the command: {reply.reply_text or reply.text!r}")
+    for reply in replies:
+        if not reply.ok:
+            raise ESLError(f"FreeSWITCH refused the command: {reply.reply_text or reply.text!r}")
 
 
 def _is_verdict_set(event: Event) -> bool:
@@ -200,22 +209,21 @@ class OutboundServer:
         self._report(outcome, peer)
 
     def _converse(self, talk: CallConversation, outcome: CallOutcome, may_look_up: bool = True) -> None:
-        channel = talk.request(command("connect"))
+        [channel] = talk.request(command("connect"))
         facts = facts_from_channel_data(channel.headers, self.proxy_header)
         if not facts.uuid:
             raise ProtocolError("connect reply carries no channel data")
-        talk.request(command("myevents"))
-        talk.request(command("linger"))
+        talk.request(command("myevents"), command("linger"))
         outcome.decision = decision = self.decide(facts, may_look_up)
         try:
             if talk.hung_up:
                 raise CallGone()  # the caller gave up while we decided (CANCEL)
             if decision.verdict.action is Action.DENY:
-                _accepted(talk.request(hangup("CALL_REJECTED")))
+                _accepted(*talk.request(hangup("CALL_REJECTED")))
                 talk.wait_for(_is_hangup)  # our own hangup: the refusal took effect
             else:
-                _accepted(talk.request(execute("set", f"fsguard_reason={decision.verdict.reason}")))
-                _accepted(talk.request(execute("set", f"fsguard_verdict={decision.verdict.action}")))
+                _accepted(*talk.request(execute("set", f"fsguard_reason={decision.verdict.reason}"),
+                                        execute("set", f"fsguard_verdict={decision.verdict.action}")))
                 talk.wait_for(_is_verdict_set)
             outcome.effective = True
         except CallGone:
