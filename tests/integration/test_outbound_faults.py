@@ -66,38 +66,36 @@ def test_connection_closed_after_the_verdict_is_not_a_crash(switch, start_daemon
     assert outcomes.get(timeout=2).effective and handler_crashes(caplog) == []
 
 
-def test_no_greenlet_or_socket_leaks_over_many_faulty_calls(switch, start_daemon, caplog):
-    daemon = start_daemon(switch, registrations="live", command_timeout=0.3)
-    faults = ["close_on_accept", "close_mid_channel_data", "garbage_channel_data", None]
-    scenarios = [CallScenario(fault=faults[i % 4], cancel_after=0.001 if i % 7 == 0 else None,
-                              source_ip="127.0.0.20" if i % 3 else "127.0.0.10") for i in range(400)]
-    place_calls(daemon.server.address, scenarios[:20], concurrency=20)  # warm up caches, connections
+FAULTS = ["close_on_accept", "close_mid_channel_data", "garbage_channel_data", None]
+
+
+def faulty_calls_leave_nothing(daemon, count: int, concurrency: int) -> tuple:
+    """Place ``count`` calls, most of them faulty; return (fds, greenlets) before and after."""
+    scenarios = [CallScenario(fault=FAULTS[i % 4], cancel_after=0.001 if i % 7 == 0 else None,
+                              source_ip="127.0.0.20" if i % 3 else "127.0.0.10") for i in range(count)]
+    place_calls(daemon.server.address, scenarios[:concurrency], concurrency=concurrency)  # warm-up
     daemon.server.pool.join(timeout=5)
     before = (open_fds(), greenlets())
-    place_calls(daemon.server.address, scenarios, concurrency=50, timeout=5)
-    assert daemon.server.pool.join(timeout=10)
+    place_calls(daemon.server.address, scenarios, concurrency=concurrency, timeout=10)
+    assert daemon.server.pool.join(timeout=30)
     gc.collect()
     after = (open_fds(), greenlets())
     assert after[0] <= before[0] + 2, f"file descriptors: {before[0]} -> {after[0]}"
     assert after[1] <= before[1] + 2, f"greenlets: {before[1]} -> {after[1]}"
+    return before, after
+
+
+def test_no_greenlet_or_socket_leaks_over_many_faulty_calls(switch, start_daemon, caplog):
+    daemon = start_daemon(switch, registrations="live", command_timeout=0.3)
+    faulty_calls_leave_nothing(daemon, 400, concurrency=50)
     assert handler_crashes(caplog) == []
 
 
 @pytest.mark.stress
 def test_no_leaks_over_10000_faulty_calls(switch, start_daemon):
     daemon = start_daemon(switch, registrations="live", command_timeout=0.3)
-    faults = ["close_on_accept", "close_mid_channel_data", "garbage_channel_data", None]
-    scenarios = [CallScenario(fault=faults[i % 4], source_ip="127.0.0.20" if i % 3 else "127.0.0.10")
-                 for i in range(10_000)]
-    place_calls(daemon.server.address, scenarios[:50], concurrency=50)
-    daemon.server.pool.join(timeout=5)
-    before = (open_fds(), greenlets())
-    place_calls(daemon.server.address, scenarios, concurrency=100, timeout=10)
-    assert daemon.server.pool.join(timeout=30)
-    gc.collect()
-    after = (open_fds(), greenlets())
+    before, after = faulty_calls_leave_nothing(daemon, 10_000, concurrency=100)
     print(f"10,000 faulty calls: fds {before[0]} -> {after[0]}, greenlets {before[1]} -> {after[1]}")
-    assert after[0] <= before[0] + 2 and after[1] <= before[1] + 2
 
 
 def connect_from(source_ip: str, address) -> socket.socket:
