@@ -181,39 +181,62 @@ def xmlstatus_user_command(profile: str, user: str, domain: str) -> str:
 
 
 class SwitchLink:
-    """A switch's lookup connection: connected on demand, replaced when lost."""
+    """A switch's lookup connections: opened on demand, at most ``size``, replaced when lost.
 
-    def __init__(self, config: SwitchConfig, timeout: float) -> None:
+    FreeSWITCH answers one connection's ``api`` commands one after the other,
+    so a single connection queued every lookup behind the previous one
+    (at saturation denies, which are confirmed live, waited ~0.5 s).  A few
+    connections let lookups run side by side.
+    """
+
+    def __init__(self, config: SwitchConfig, timeout: float, size: int = 4) -> None:
         self.config = config
         self.timeout = timeout
-        self._client: SwitchClient | None = None
-        self._connecting = gevent.lock.BoundedSemaphore()
+        self.size = size
+        self._idle: list[SwitchClient] = []
+        self._all: set[SwitchClient] = set()
+        self._slots = gevent.lock.BoundedSemaphore(size)
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    def client(self) -> SwitchClient:
-        with self._connecting:
-            if self._client is None or not self._client.connected:
-                client = SwitchClient(self.config.host, self.config.port, self.config.password, self.timeout)
-                client.connect()
-                log.info("switch=%s connected to %s:%s", self.name, self.config.host, self.config.port)
-                self._client = client
-            return self._client
+    def _take(self) -> SwitchClient:
+        while self._idle:
+            client = self._idle.pop()
+            if client.connected:
+                return client
+            self._all.discard(client)
+        client = SwitchClient(self.config.host, self.config.port, self.config.password, self.timeout)
+        client.connect()
+        log.info("switch=%s lookup connection %d/%d to %s:%s", self.name, len(self._all) + 1, self.size,
+                 self.config.host, self.config.port)
+        self._all.add(client)
+        return client
 
     def api(self, command: str) -> bytes:
-        try:
-            reply = self.client().api(command)
-        except NotConnectedError as exc:
-            raise LookupFailed(f"switch {self.name}: {exc}") from None
+        with self._slots:
+            client: SwitchClient | None = None
+            try:
+                client = self._take()
+                reply = client.api(command)
+            except NotConnectedError as exc:
+                if client is not None:
+                    self._all.discard(client)  # timed out or dropped: never reused
+                raise LookupFailed(f"switch {self.name}: {exc}") from None
+            if client.connected:
+                self._idle.append(client)
+            else:
+                self._all.discard(client)
         if reply.content_type != "api/response":
             raise LookupFailed(f"switch {self.name}: unexpected reply {reply.content_type!r}")
         return reply.body
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        for client in list(self._all):
+            client.close()
+        self._all.clear()
+        self._idle.clear()
 
 
 class LiveLookup:
