@@ -128,12 +128,6 @@ def _header(value: Any) -> str:
     return value
 
 
-def _path(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"must be a path, got {value!r}")
-    return value
-
-
 def _secret(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string (value not shown)")
@@ -216,11 +210,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Proxies/SBCs whose proxy_header names the real client; the header from anyone else is refused."),
     Setting("guard", "proxy_header", "X-AUTH-IP", _header,
             "SIP header a trusted proxy sets to the client's address (channel variable sip_h_<name>)."),
-    Setting("guard", "control_socket", "/run/fsguard/control.sock", _path,
+    Setting("guard", "control_socket", "/run/fsguard/control.sock", _optional_text,
             "Unix socket (mode 0600) answering fsguard status and fsguard check."),
     Setting("guard", "metrics_listen", "127.0.0.1:9184", _optional_address,
             "Prometheus metrics (HTTP, /metrics); empty: off.  Keep it on localhost."),
-    Setting("guard", "log_file", "", _path,
+    Setting("guard", "log_file", "", _optional_text,
             "Log file (reopened on SIGUSR1); empty: stderr (journald under systemd)."),
     Setting("guard", "log_level", "info", _choice("debug", "info", "warning", "error"),
             "Log level of the daemon (logs go to stderr)."),
