@@ -3,3 +3,9 @@
 from gevent import monkey
 
 monkey.patch_all()
+
+from hypothesis import settings  # noqa: E402
+
+# A loaded CI machine must not turn a slow example into a failure: no per-example deadline.
+settings.register_profile("fsguard", deadline=None)
+settings.load_profile("fsguard")
