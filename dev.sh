@@ -28,9 +28,19 @@ venv() {
 }
 
 postgres_up() {
-  # The audit tests run against a real PostgreSQL on 127.0.0.1:5432: start it when it is down.
-  if command -v pg_ctlcluster >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  # The audit and FusionPBX tests run against a real PostgreSQL on 127.0.0.1:5432.
+  command -v pg_ctlcluster >/dev/null || need_packages postgresql
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+  fi
+  # Machines set up like CI trust local connections (user postgres, database test).  A fresh
+  # Debian/Ubuntu install asks TCP clients for a password: give the tests a role of their own.
+  if [ -z "${FSGUARD_TEST_POSTGRES:-}" ] && ! psql -h 127.0.0.1 -U postgres -d test -Atqc 'select 1' >/dev/null 2>&1; then
+    as_root runuser -u postgres -- psql -qc "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fsguard_test') THEN
+        CREATE ROLE fsguard_test LOGIN CREATEDB PASSWORD 'fsguard-test';
+      END IF; END \$\$;"
+    export FSGUARD_TEST_POSTGRES="postgresql+psycopg://fsguard_test:fsguard-test@127.0.0.1:5432/postgres"
   fi
 }
 
