@@ -47,21 +47,26 @@ class Guard:
         """Decide ``call``; with ``may_look_up`` False (over capacity) a call that
         needs registrations gets the ``over_capacity`` verdict instead of waiting."""
         started = time.perf_counter()
+        policy = self.policy  # one policy per decision, even if a reload swaps it meanwhile
         answer: Registrations | Unchecked | None = None
+        verdict: Verdict | None = None
         error = ""
-        needed = needs_registrations(call, self.policy, self.clock())
+        needed = needs_registrations(call, policy, self.clock())
         if needed and not may_look_up:
             answer, error = Unchecked.OVER_CAPACITY, "too many calls in progress"
         elif needed:
             try:
                 with gevent.Timeout(self.decision_timeout):
                     answer, error = self._lookup(call)
-                    verdict = decide(call, answer, self.policy, self.clock())
+                    verdict = decide(call, answer, policy, self.clock())
                     if self._needs_live_check(verdict, answer):
+                        verdict = None
                         answer, error = self._lookup(call, live=True, fallback=answer)
             except gevent.Timeout:
+                verdict = None
                 answer, error = Unchecked.TIMEOUT, f"no answer within decision_timeout={self.decision_timeout:g}s"
-        verdict = decide(call, answer, self.policy, self.clock())
+        if verdict is None:
+            verdict = decide(call, answer, policy, self.clock())
         lookup = answer.source if isinstance(answer, Registrations) else "none"
         return Decision(call, verdict, lookup, time.perf_counter() - started, error)
 
