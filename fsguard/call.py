@@ -16,6 +16,12 @@ import ipaddress
 from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def in_networks(address: IPAddress | None, networks: tuple[Network, ...]) -> bool:
+    """Whether ``address`` (None: not an IP) lies in one of ``networks``."""
+    return address is not None and any(address in network for network in networks)
 
 
 def parse_ip(text: str) -> IPAddress | None:

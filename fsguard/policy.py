@@ -41,15 +41,13 @@ when the INVITE came from a trusted proxy, the address in its header.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .call import CallFacts, IPAddress, parse_ip
+from .call import CallFacts, IPAddress, Network, in_networks, parse_ip
 from .registrations import Binding, Registrations
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Action(enum.StrEnum):
@@ -184,7 +182,7 @@ def _emergency(ctx: Context) -> Reason | None:
 
 
 def _spoofed_header(ctx: Context) -> Reason | None:
-    came_via_proxy = _in(parse_ip(ctx.call.source_ip), ctx.policy.trusted_proxies)
+    came_via_proxy = in_networks(parse_ip(ctx.call.source_ip), ctx.policy.trusted_proxies)
     return Reason.SPOOFED_HEADER if ctx.call.proxy_client_ip and not came_via_proxy else None
 
 
@@ -212,7 +210,7 @@ def _identity(ctx: Context) -> Reason | None:
 
 def _allowlisted(ctx: Context) -> Reason | None:
     lists = (ctx.policy.global_allow_cidrs, ctx.rules.allow_cidrs, ctx.extension.allow_cidrs)
-    return Reason.ALLOWLISTED if any(_in(ctx.client, cidrs) for cidrs in lists) else None
+    return Reason.ALLOWLISTED if any(in_networks(ctx.client, cidrs) for cidrs in lists) else None
 
 
 # Each returns the reason it decides with, or None to pass the call on.
@@ -237,16 +235,12 @@ def in_scope(call: CallFacts, rules: Rules) -> bool:
     return True
 
 
-def _in(address: IPAddress | None, networks: tuple[Network, ...]) -> bool:
-    return address is not None and any(address in network for network in networks)
-
-
 # -- entry points ---------------------------------------------------------------
 
 
 def context(call: CallFacts, policy: Policy, now: float) -> Context:
     client_text = call.source_ip
-    if call.proxy_client_ip and _in(parse_ip(call.source_ip), policy.trusted_proxies):
+    if call.proxy_client_ip and in_networks(parse_ip(call.source_ip), policy.trusted_proxies):
         client_text = call.proxy_client_ip
     return Context(
         call=call,

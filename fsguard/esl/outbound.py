@@ -23,7 +23,6 @@ closes the socket; the shipped dialplan refuses every call whose
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import time
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from ..call import DEFAULT_PROXY_HEADER, facts_from_channel_data, parse_ip
+from ..call import DEFAULT_PROXY_HEADER, Network, facts_from_channel_data, in_networks, parse_ip
 from ..guard import Decision
 from ..policy import Action
 from .connection import Connection, ESLError
@@ -42,7 +41,6 @@ from .protocol import Event, Message, ProtocolError, command, execute, hangup
 
 log = logging.getLogger(__name__)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 HANGUP_EVENTS = frozenset({"CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE"})
 
@@ -183,8 +181,7 @@ class OutboundServer:
         self.server.stop(timeout=grace)
 
     def _accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        source = parse_ip(peer[0])
-        if self.accept_from and not (source is not None and any(source in net for net in self.accept_from)):
+        if self.accept_from and not in_networks(parse_ip(peer[0]), self.accept_from):
             sock.close()
             if not self.refused[peer[0]]:
                 log.warning("refused outbound connection from %s: not in guard.accept_from", peer[0])
