@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from fsguard.audit import AuditRecord, AuditWriter
 from fsguard.audit.spool import Spool
+from fsguard.audit.writer import SQLITE_BATCH_INTERVAL
 from fsguard.config import AuditConfig
 from fsguard.guard import Guard
 from fsguard.policy import Policy
@@ -26,7 +27,7 @@ from fsguard.registrations import Binding, Registrations
 
 pytest.register_assert_rewrite("tests.audit_conftest")  # shared fixtures and helpers, before importing it
 pytest_plugins = ["tests.audit_conftest"]
-from tests.audit_conftest import closed_port, decision, record, rows_in  # noqa: E402
+from tests.audit_conftest import closed_port, decision, record, rows_in, upgrade  # noqa: E402
 
 WAIT = 20.0  # seconds: generous bound for conditions that normally hold within milliseconds
 
@@ -333,3 +334,22 @@ def test_sigkill_loses_nothing_already_spooled(pg_url, tmp_path):
     assert writer.wait_for(lambda s: s["spool_rows"] == 0, WAIT), writer.stats()
     writer.stop(WAIT)
     assert_written_once_in_order(pg_url, 500)
+
+
+def test_sqlite_rows_trickling_in_share_a_batch(tmp_path, writers):
+    """One row per millisecond: SQLite batches gather rows instead of one thread handoff per row."""
+    url = f"sqlite:///{tmp_path / 'trickle.db'}"
+    upgrade(url)
+    writer = writers(config(url, tmp_path))
+    batches = []
+    real_insert = writer._insert_now
+    writer._insert_now = lambda batch: (batches.append(len(batch)), real_insert(batch))[1]
+    submit(writer, 0, 1)
+    assert writer.wait_for(lambda s: s["written"] == 1, WAIT)
+    for n in range(1, 31):
+        gevent.sleep(0.001)  # spacing the load, not waiting for a result
+        writer.submit(record(n))
+    assert writer.wait_for(lambda s: s["written"] == 31, WAIT), writer.stats()
+    assert_written_once_in_order(url, 31)
+    # ~30 ms of rows against a 50 ms interval: 2 batches here, a few more on a slow machine; 31 without it.
+    assert len(batches) <= 1 + 30 * 0.001 / SQLITE_BATCH_INTERVAL + 4, batches
