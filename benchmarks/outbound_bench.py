@@ -124,7 +124,9 @@ import gevent.queue
 import gevent.server
 import gevent.socket as gsocket
 
-from fsguard.esl.protocol import command, execute, hangup
+from fsguard.esl.outbound import verdict_command
+from fsguard.esl.protocol import command
+from fsguard.policy import Action
 from fsguard.testing import transcripts as tr
 from fsguard.testing.caller import CallScenario, channel_data, place_call, place_calls
 from fsguard.testing.switch import FakeSwitch, Registration, xmlstatus
@@ -147,14 +149,12 @@ PLACEHOLDERS = (P_UUID.encode(), P_USER.encode(), P_REALM.encode(), P_IP.encode(
 
 # fsguard's commands, built as fsguard.esl.outbound builds them.
 CONNECT = command("connect")
-MYEVENTS = command("myevents")
 LINGER = command("linger")
-SET_REASON = execute("set", "fsguard_reason=registered-ip")
-SET_ALLOW = execute("set", "fsguard_verdict=allow")
-HANGUP = hangup("CALL_REJECTED")
+SET_ALLOW = verdict_command(P_UUID, Action.ALLOW, "registered-ip")  # api uuid_setvar_multi
+KILL = verdict_command(P_UUID, Action.DENY, "ip-not-registered")  # api uuid_kill
 EXIT = command("exit")
-ALLOW_PLAN = (CONNECT, MYEVENTS, LINGER, SET_REASON, SET_ALLOW, EXIT)
-DENY_PLAN = (CONNECT, MYEVENTS, LINGER, HANGUP, EXIT)
+ALLOW_PLAN = (CONNECT, LINGER, SET_ALLOW, EXIT)
+DENY_PLAN = (CONNECT, LINGER, KILL, EXIT)
 
 FULL = {"step_seconds": 20.0, "saturation_seconds": 20.0, "async_seconds": 10.0, "warmup_seconds": 3.0,
         "cache_rates": (100, 250, 500, 1000, 2000), "live_rates": (100, 250, 500, 1000), "async_rate": 250,
@@ -466,15 +466,7 @@ Script = dict[bytes, Step]
 
 def _until(cmd: bytes):
     """When the simulator has answered ``cmd`` completely."""
-    if cmd in (SET_REASON, SET_ALLOW):
-        arg = cmd.split(b"execute-app-arg: ")[1].split(b"\n")[0].decode()
-
-        def done(message) -> bool:
-            event = message.event()
-            return (event is not None and event.name == "CHANNEL_EXECUTE_COMPLETE"
-                    and event.get("Application-Data") == arg)
-        return done
-    if cmd == HANGUP:
+    if cmd.startswith(b"api uuid_kill "):
         return lambda m: m.content_type == "text/disconnect-notice" and m.headers.get("Content-Disposition") == "linger"
     if cmd == EXIT:
         return lambda m: False  # until the simulator closes
@@ -512,7 +504,7 @@ def _scripted_app(sock: gsocket.socket, plan: tuple[bytes, ...], out: list) -> N
             messages.append(item)
             if done(item[0]):
                 break
-        if cmd == HANGUP:  # anything after the linger notice
+        if cmd.startswith(b"api uuid_kill "):  # anything after the linger notice
             while (item := read(0.05)) is not None:
                 messages.append(item)
         out.append((cmd, messages))
@@ -555,13 +547,13 @@ def build_script(recordings: list[list], deferred: bool) -> Script:
             if not messages:
                 raise RuntimeError(f"the simulator did not answer {_first_line(cmd)!r}")
             first = messages[0][0]
-            if cmd != CONNECT and first.content_type != "command/reply":
+            if cmd != CONNECT and first.content_type not in ("command/reply", "api/response"):
                 raise RuntimeError(f"unexpected first answer to {cmd!r}: {first.content_type}")
             step = Step(
                 reply=messages[0][1],
                 after=b"".join(raw for _m, raw in messages[1:]),
                 deferred=deferred and cmd.startswith(b"sendmsg"),
-                verdict="allow" if cmd == SET_ALLOW else "deny" if cmd == HANGUP else "",
+                verdict="allow" if cmd == SET_ALLOW else "deny" if cmd == KILL else "",
                 closes=cmd == EXIT,
             )
             script.setdefault(cmd, step)
@@ -615,18 +607,20 @@ def record_scripts(pop: Population) -> tuple[dict[str, Script], dict]:
     uuid = str(uuidlib.uuid4())
     values = (uuid.encode(), pop.user(i).encode(), pop.realm(i).encode(), pop.registered_ip(i).encode())
     for plan in (ALLOW_PLAN, DENY_PLAN):
+        plan = tuple(cmd.replace(PLACEHOLDERS[0], values[0]) for cmd in plan)  # api commands name the uuid
         real, _ = record_call(CallScenario(uuid=uuid, auth_user=pop.user(i), realm=pop.realm(i),
                                            source_ip=pop.registered_ip(i), socket_mode="static"), plan)
         for cmd, messages in real:
-            step = scripts["static"][cmd]
+            step = scripts["static"][cmd.replace(values[0], PLACEHOLDERS[0])]
             if _normalised(b"".join(raw for _m, raw in messages)) != _normalised(
                     substitute(step.reply + step.after, values)):
-                raise RuntimeError(f"replayed answer to {_first_line(cmd)!r} differs from the simulator's")
+                raise RuntimeError(f"replayed answer to {_first_line(cmd)!r} differs from the simulator's: "
+                                   f"{b''.join(raw for _m, raw in messages)!r} vs {substitute(step.reply + step.after, values)!r}")
     checks["events_identical"] = True
-    sizes = {mode: sum(len(s.reply) + len(s.after) for c, s in sc.items() if c != HANGUP) for mode, sc in scripts.items()}
+    sizes = {mode: sum(len(s.reply) + len(s.after) for c, s in sc.items() if c != KILL) for mode, sc in scripts.items()}
     checks["bytes_to_fsguard_per_allowed_call"] = sizes["static"]
     checks["bytes_to_fsguard_per_denied_call"] = sum(
-        len(s.reply) + len(s.after) for c, s in scripts["static"].items() if c not in (SET_REASON, SET_ALLOW))
+        len(s.reply) + len(s.after) for c, s in scripts["static"].items() if c != SET_ALLOW)
     return scripts, checks
 
 
@@ -702,7 +696,7 @@ class Generator:
                         cmd, buf = buf[: end + 2].lstrip(b"\n"), buf[end + 2:]
                         if cmd == b"\n\n" or not cmd:
                             continue
-                        step = script.get(cmd)
+                        step = script.get(cmd.replace(values[0], PLACEHOLDERS[0]))  # api commands name the uuid
                         if step is None:
                             rec.error = "unscripted:" + cmd.split(b"\n")[0].decode("ascii", "replace")[:40]
                             sock.sendall(b"Content-Type: command/reply\nReply-Text: -ERR command not found\n\n")
@@ -1396,25 +1390,13 @@ def null_app_main(switch_port: int) -> None:
             return b"Content-Type: command/reply" in head
 
         try:
-            sock.sendall(CONNECT)
+            sock.sendall(CONNECT + LINGER)
             head, _ = next(messages)
+            until(reply)
+            uuid = re.search(rb"\nUnique-ID: (\S+)", head).group(1)
             deny = b"\nvariable_sip_network_ip: 11." in head
-            sock.sendall(MYEVENTS)
-            until(reply)
-            sock.sendall(LINGER)
-            until(reply)
-            if deny:
-                sock.sendall(HANGUP)
-                until(reply)
-                until(lambda h, b: b"Event-Name: CHANNEL_HANGUP\n" in b)
-            else:
-                sock.sendall(SET_REASON)
-                until(reply)
-                sock.sendall(SET_ALLOW)
-                until(reply)
-                until(lambda h, b: b"Event-Name: CHANNEL_EXECUTE_COMPLETE\n" in b
-                      and b"Application-Data: fsguard_verdict" in b)
-            sock.sendall(EXIT)
+            sock.sendall((KILL if deny else SET_ALLOW).replace(PLACEHOLDERS[0], uuid) + EXIT)
+            until(lambda h, _b: b"Content-Type: api/response" in h)
             until(reply)
         except (OSError, ConnectionError, StopIteration):
             pass

@@ -4,16 +4,27 @@ Served by gevent's StreamServer with a Pool rather than greenswitch's
 OutboundESLServer, which polls accept() every 0.1 s, exits 0 when the bind
 fails and drops calls over capacity without a verdict.
 
-One conversation per call, every wait under ``command_timeout``::
+One conversation per call, two writes, every wait under ``command_timeout``::
 
-    connect   -> channel data (the call's facts)
-    myevents  -> the call's events (hangup, execute-complete) reach us
-    linger    -> after a hangup the socket stays until we say exit
+    connect + linger      -> channel data (the call's facts); the socket now
+                             stays open after a hangup until we say exit
     decide
-    deny:  sendmsg hangup CALL_REJECTED   (caller gets 603 Decline), wait for the hangup
-    allow: sendmsg execute set fsguard_reason=..., set fsguard_verdict=allow,
-           wait for the set's CHANNEL_EXECUTE_COMPLETE
-    exit      -> FreeSWITCH's dialplan continues after ``socket``
+    allow: api uuid_setvar_multi <uuid> fsguard_reason=...;fsguard_verdict=allow
+    deny:  api uuid_kill <uuid> CALL_REJECTED        (caller gets 603 Decline)
+    + exit                -> FreeSWITCH's dialplan continues after ``socket``
+
+Why ``api`` and not ``sendmsg``: an ``api`` command runs in the ESL listener
+itself and its ``+OK`` means the variable is set / the channel hung up
+(mod_commands.c, mod_event_socket.c).  A ``sendmsg execute set`` is only
+done once its CHANNEL_EXECUTE_COMPLETE arrives: in async mode on the parked
+session's next 20 ms frame (captured), and it brings four ~6 KB events per
+call.  No ``myevents``: nothing here waits for an event; a hangup while we
+decide shows as linger's disconnect notice (sent with or without events)
+and as ``-ERR No Such Channel!`` from the api command.  Commands are
+pipelined: FreeSWITCH reads them one by one and answers in order.  All of
+this needs ``socket ... full`` (``linger`` and ``api`` are refused otherwise),
+as the shipped dialplans use.  What a real FreeSWITCH must confirm is listed
+in docker/README.rst.
 
 Never ``resume``: it leaves sync-mode (``socket ... full``) calls stuck in
 CS_RESET (out-sync-mode capture).  A handler that fails before the verdict
@@ -37,16 +48,12 @@ from ..call import DEFAULT_PROXY_HEADER, Network, facts_from_channel_data, in_ne
 from ..guard import Decision
 from ..policy import Action
 from .connection import Connection, ESLError
-from .protocol import Event, Message, ProtocolError, command, execute, hangup
+from .protocol import Message, ProtocolError, command
 
 log = logging.getLogger(__name__)
 
 
-HANGUP_EVENTS = frozenset({"CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE"})
-
-
-class CallGone(Exception):
-    """The caller hung up (or FreeSWITCH let go of the session)."""
+REJECT_CAUSE = "CALL_REJECTED"  # sofia answers it with 603 Decline (captured)
 
 
 @dataclass
@@ -65,15 +72,15 @@ class CallConversation:
     def __init__(self, connection: Connection, timeout: float) -> None:
         self.connection = connection
         self.timeout = timeout
-        self.events: list[Event] = []
         self.hung_up = False
 
     def request(self, *commands: bytes) -> list[Message]:
         """Send commands in one write and return their replies, in order.
 
-        FreeSWITCH answers an outbound socket's commands one by one, in the
-        order they arrive, so pipelining them saves round trips without
-        changing what is said.  Events seen meanwhile are kept.
+        FreeSWITCH reads an outbound socket's commands one by one and answers
+        them in the order they arrive, so pipelining them saves round trips
+        without changing what is said.  A disconnect notice seen meanwhile
+        (``linger``: the caller hung up) is noted; events are not expected.
         """
         self.connection.send(b"".join(commands))
         deadline = time.monotonic() + self.timeout
@@ -82,55 +89,25 @@ class CallConversation:
             message = self.connection.read(max(deadline - time.monotonic(), 0.001))
             if message.is_reply:
                 replies.append(message)
-            else:
-                self._note(message)
+            elif message.content_type == "text/disconnect-notice":
+                self.hung_up = True
         return replies
 
-    def wait_for(self, wanted: Callable[[Event], bool]) -> Event:
-        """Wait for an event of this call; raise CallGone if the caller hangs up first."""
-        deadline = time.monotonic() + self.timeout
-        seen = 0
-        while True:
-            for event in self.events[seen:]:
-                if wanted(event):
-                    return event
-            seen = len(self.events)
-            if self.hung_up:
-                raise CallGone()
-            message = self.connection.read(max(deadline - time.monotonic(), 0.001))
-            if not message.is_reply:
-                self._note(message)
 
-    def _note(self, message: Message) -> None:
-        if message.content_type == "text/disconnect-notice":
-            # "linger": the call is over, FreeSWITCH holds the socket for us.
-            self.hung_up = True
-            return
-        event = message.event()
-        if event is None:
-            return
-        self.events.append(event)
-        if event.name in HANGUP_EVENTS:
-            self.hung_up = True
+def verdict_command(uuid: str, action: Action, reason: str) -> bytes:
+    """The ``api`` command that makes the verdict effective on channel ``uuid``."""
+    if not uuid.isascii() or not uuid.isprintable() or " " in uuid or ";" in uuid:
+        raise ProtocolError(f"channel uuid {uuid[:60]!r} cannot be used in an api command")
+    if action is Action.DENY:
+        return command(f"api uuid_kill {uuid} {REJECT_CAUSE}")
+    if not reason.replace("-", "").isalnum():  # uuid_setvar_multi splits on ';', our reasons are slugs
+        raise ValueError(f"reason {reason!r} is not a plain word")
+    return command(f"api uuid_setvar_multi {uuid} fsguard_reason={reason};fsguard_verdict={action}")
 
 
-def _accepted(*replies: Message) -> None:
-    """A command FreeSWITCH refused (-ERR) will not take effect: say so now, not at the deadline."""
-    for reply in replies:
-        if not reply.ok:
-            raise ESLError(f"FreeSWITCH refused the command: {reply.reply_text or reply.text!r}")
-
-
-def _is_verdict_set(event: Event) -> bool:
-    return (
-        event.name == "CHANNEL_EXECUTE_COMPLETE"
-        and event.get("Application") == "set"
-        and (event.get("Application-Data") or "").startswith("fsguard_verdict=")
-    )
-
-
-def _is_hangup(event: Event) -> bool:
-    return event.name in HANGUP_EVENTS
+def _channel_gone(reply: Message) -> bool:
+    # mod_commands: uuid_kill / uuid_setvar_multi on a channel that is gone or hanging up.
+    return reply.text.lower().startswith("-err no such channel")
 
 
 class OutboundServer:
@@ -206,26 +183,26 @@ class OutboundServer:
         self._report(outcome, peer)
 
     def _converse(self, talk: CallConversation, outcome: CallOutcome, may_look_up: bool = True) -> None:
-        [channel] = talk.request(command("connect"))
+        channel, lingering = talk.request(command("connect"), command("linger"))
         facts = facts_from_channel_data(channel.headers, self.proxy_header)
         if not facts.uuid:
             raise ProtocolError("connect reply carries no channel data")
-        talk.request(command("myevents"), command("linger"))
+        if not lingering.ok:
+            raise ESLError(f"FreeSWITCH refused linger ({lingering.reply_text!r}): the dialplan must call "
+                           "the socket application with 'full' (e.g. socket 127.0.0.1:8084 full)")
         outcome.decision = decision = self.decide(facts, may_look_up)
-        try:
-            if talk.hung_up:
-                raise CallGone()  # the caller gave up while we decided (CANCEL)
-            if decision.verdict.action is Action.DENY:
-                _accepted(*talk.request(hangup("CALL_REJECTED")))
-                talk.wait_for(_is_hangup)  # our own hangup: the refusal took effect
-            else:
-                _accepted(*talk.request(execute("set", f"fsguard_reason={decision.verdict.reason}"),
-                                        execute("set", f"fsguard_verdict={decision.verdict.action}")))
-                talk.wait_for(_is_verdict_set)
-            outcome.effective = True
-        except CallGone:
+        if talk.hung_up:  # the caller gave up while we decided (CANCEL)
             outcome.caller_hung_up = True
-        talk.request(command("exit"))
+            talk.request(command("exit"))
+            return
+        verdict = decision.verdict
+        applied, _bye = talk.request(verdict_command(facts.uuid, verdict.action, verdict.reason), command("exit"))
+        if applied.ok:
+            outcome.effective = True
+        elif talk.hung_up or _channel_gone(applied):
+            outcome.caller_hung_up = True
+        else:
+            raise ESLError(f"FreeSWITCH refused the verdict: {applied.text.strip()[:200]!r}")
 
     def _report(self, outcome: CallOutcome, peer: tuple[str, int]) -> None:
         log_decision(outcome, peer)

@@ -768,6 +768,9 @@ class _Call:
             self._reply("+OK events diverted" if on else "+OK events not diverted", quiet)
         elif low.startswith("sendmsg"):
             self._sendmsg(message, headers, line[7:].strip(), quiet)
+        elif self.channel.get("Control") != "full":
+            # mod_event_socket parse_command: an outbound socket without "full" stops here.
+            self._reply("-ERR command not found", quiet)
         elif low.startswith("api "):
             self._api(line[4:].strip())
         elif low.startswith("bgapi "):
@@ -974,14 +977,16 @@ class _Call:
 
     def _api(self, command: str) -> None:
         name, _, arg = command.partition(" ")
-        body, after = self._api_body(name, arg.split())
-        self._send(tr.api_response(body))
+        body, after = self._api_body(name, arg)
+        self._send(tr.api_response(body or "-ERR no reply\n"))  # api_exec: empty output
         if after is not None:
             after()
 
-    def _api_body(self, name: str, args: list[str]) -> tuple[str, Callable[[], None] | None]:
+    def _api_body(self, name: str, arg: str) -> tuple[str, Callable[[], None] | None]:
+        """mod_commands' answer (not captured except uuid_exists and version: per source)."""
+        args = arg.split()
         alive = not self.hangup_cause and not self.cancelled
-        mine = bool(args) and args[0] == self.uuid and alive
+        mine = bool(args) and args[0] == self.uuid and alive  # locate refuses a channel going down
         if name == "uuid_exists":
             # Captured: "false" after the hangup (even while lingering).
             return ("true" if mine else "false"), None
@@ -989,23 +994,48 @@ class _Call:
             if len(args) not in (2, 3):
                 return "-USAGE: <uuid> <var> [value]\n", None
             if not mine:
-                return "-ERR No such channel!\n", None
+                return "-ERR No Such Channel!\n", None
             self._set_var(args[1], args[2] if len(args) == 3 else None)
+            self._note_allow()
             return "+OK\n", None
+        if name == "uuid_setvar_multi":
+            return self._setvar_multi(arg), None
         if name == "uuid_getvar":
             if not mine or len(args) < 2:
-                return "-ERR No such channel!\n", None
+                return "-ERR No Such Channel!\n", None
             return self.channel.get(f"variable_{args[1]}") or "_undef_", None
         if name == "uuid_kill":
             if not mine:
-                return "-ERR No such channel!\n", None
+                return "-ERR No Such Channel!\n", None
             self.result.verdict_at = time.monotonic()
             cause = args[1] if len(args) > 1 else "NORMAL_CLEARING"
-            # Executed at once; the events follow the api/response.
+            # Executed at once (switch_channel_hangup in the listener's thread); the events follow.
             return "+OK\n", lambda: self._hangup(cause, _HANGUP)
         if name == "version":
             return "FreeSWITCH Version 1.11.3-dev~64bit ( 64bit)\n", None  # captured
         return f"-ERR {name} Command not found!\n", None  # captured form
+
+    def _setvar_multi(self, arg: str) -> str:
+        usage = "-USAGE: <uuid> <var>=<value>;<var>=<value>...\n"
+        uuid, space, variables = arg.partition(" ")
+        if not space:
+            return ""
+        if uuid != self.uuid or self.hangup_cause or self.cancelled:
+            return "-ERR No Such Channel!\n" + usage  # no "goto done" on this branch
+        out, count = "", 0
+        for item in variables.split(";")[:64]:
+            name, _, value = item.partition("=")
+            if not name:
+                out += "-ERR No variable specified\n"
+                continue
+            self._set_var(name, value or None)  # switch_channel_set_variable: empty unsets
+            count += 1
+        self._note_allow()
+        return out + ("+OK\n" if count else usage)
+
+    def _note_allow(self) -> None:
+        if self.channel.get("variable_fsguard_verdict") == "allow" and self.result.verdict_at is None:
+            self.result.verdict_at = time.monotonic()
 
     def _bgapi(self, command: str, quiet: bool) -> None:
         from fsguard.testing.switch import background_job_headers  # shared template
@@ -1013,7 +1043,7 @@ class _Call:
         job = str(uuidlib.uuid4())
         self._reply(f"+OK Job-UUID: {job}\nJob-UUID: {job}", quiet)
         name, _, arg = command.partition(" ")
-        body, after = self._api_body(name, arg.split())
+        body, after = self._api_body(name, arg)
         # BACKGROUND_JOB has no Unique-ID, so a myevents listener never gets it.
         if self.sub.wants("BACKGROUND_JOB") and not self.sub.myevents:
             headers = background_job_headers(job, name, arg)

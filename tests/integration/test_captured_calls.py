@@ -9,33 +9,35 @@ from __future__ import annotations
 import pytest
 from gevent.queue import Queue
 
-from fsguard.esl.protocol import command, execute, hangup
+from fsguard.esl.protocol import command
 from fsguard.testing.caller import CallScenario, place_call
 
-CONNECT = [command("connect"), command("myevents"), command("linger")]
+CONNECT = [command("connect"), command("linger")]
 
 
-def allowed(reason):
-    return CONNECT + [execute("set", f"fsguard_reason={reason}"), execute("set", "fsguard_verdict=allow"),
+def allowed(reason, uuid):
+    return CONNECT + [command(f"api uuid_setvar_multi {uuid} fsguard_reason={reason};fsguard_verdict=allow"),
                       command("exit")]
 
 
-DENIED = CONNECT + [hangup("CALL_REJECTED"), command("exit")]
+def denied(uuid):
+    return CONNECT + [command(f"api uuid_kill {uuid} CALL_REJECTED"), command("exit")]
 
-# capture -> (socket mode, reason, exact commands, outcome, what the caller got)
+
+# capture -> (socket mode, reason, verdict, outcome, what the caller got)
 CAPTURED = {
-    "out-allow-registered-ip": ("async", "registered-ip", allowed("registered-ip"), "continued", None),
-    "out-allow-no-resume": ("async", "registered-ip", allowed("registered-ip"), "continued", None),
-    "out-allow-park-timeout": ("async", "registered-ip", allowed("registered-ip"), "continued", None),
-    "out-sync-mode": ("static", "registered-ip", allowed("registered-ip"), "continued", None),
-    "out-sync-mode-no-resume": ("static", "registered-ip", allowed("registered-ip"), "continued", None),
-    "out-deny-respond-603": ("async", "ip-not-registered", DENIED, "rejected", "603 Decline"),
-    "out-deny-hangup-call-rejected": ("async", "ip-not-registered", DENIED, "rejected", "603 Decline"),
-    "out-no-credentials-trunk": ("async", "acl-trusted", allowed("acl-trusted"), "continued", None),
-    "out-emergency-911": ("async", "emergency", allowed("emergency"), "continued", None),
-    "out-pstn-number": ("async", "ip-not-registered", DENIED, "rejected", "603 Decline"),
-    "out-tenant-b-collision": ("async", "ip-not-registered", DENIED, "rejected", "603 Decline"),
-    "out-multireg-second-device": ("async", "registered-ip", allowed("registered-ip"), "continued", None),
+    "out-allow-registered-ip": ("async", "registered-ip", "allow", "continued", None),
+    "out-allow-no-resume": ("async", "registered-ip", "allow", "continued", None),
+    "out-allow-park-timeout": ("async", "registered-ip", "allow", "continued", None),
+    "out-sync-mode": ("static", "registered-ip", "allow", "continued", None),
+    "out-sync-mode-no-resume": ("static", "registered-ip", "allow", "continued", None),
+    "out-deny-respond-603": ("async", "ip-not-registered", "deny", "rejected", "603 Decline"),
+    "out-deny-hangup-call-rejected": ("async", "ip-not-registered", "deny", "rejected", "603 Decline"),
+    "out-no-credentials-trunk": ("async", "acl-trusted", "allow", "continued", None),
+    "out-emergency-911": ("async", "emergency", "allow", "continued", None),
+    "out-pstn-number": ("async", "ip-not-registered", "deny", "rejected", "603 Decline"),
+    "out-tenant-b-collision": ("async", "ip-not-registered", "deny", "rejected", "603 Decline"),
+    "out-multireg-second-device": ("async", "registered-ip", "allow", "continued", None),
 }
 NEEDS_LOOKUP = {name for name, (_, reason, *_rest) in CAPTURED.items() if reason not in ("acl-trusted", "emergency")}
 
@@ -43,13 +45,13 @@ NEEDS_LOOKUP = {name for name, (_, reason, *_rest) in CAPTURED.items() if reason
 @pytest.mark.parametrize("registrations", ["live", "cache"])
 @pytest.mark.parametrize("capture", sorted(CAPTURED))
 def test_captured_call(capture, registrations, switch, start_daemon):
-    mode, reason, commands, outcome, sip_final = CAPTURED[capture]
+    mode, reason, verdict, outcome, sip_final = CAPTURED[capture]
     daemon = start_daemon(switch, registrations=registrations)
     api_before = len(switch.api_commands)
 
     result = place_call(daemon.server.address, CallScenario(base=capture, uuid=None, socket_mode=mode))
 
-    assert result.commands == commands
+    assert result.commands == (allowed(reason, result.uuid) if verdict == "allow" else denied(result.uuid))
     assert (result.outcome, result.sip_final) == (outcome, sip_final)
     if outcome == "continued":
         assert result.variables["fsguard_verdict"] == "allow"
@@ -81,7 +83,7 @@ def test_observe_mode_allows_and_says_why(switch, start_daemon):
     daemon = start_daemon(switch, mode="observe")
     result = place_call(daemon.server.address, CallScenario(base="out-deny-respond-603"))
     assert result.outcome == "continued" and result.variables["fsguard_reason"] == "observe"
-    assert result.commands == allowed("observe")
+    assert result.commands == allowed("observe", result.uuid)
 
 
 def test_caller_hangs_up_while_fsguard_decides(switch, start_daemon):

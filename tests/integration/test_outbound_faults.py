@@ -41,19 +41,31 @@ def test_switch_side_faults_end_cleanly(fault, switch, start_daemon, caplog):
     assert handler_crashes(caplog) == []
 
 
-@pytest.mark.parametrize("scenario, refused", [
-    (CallScenario(base="out-deny-respond-603", err_on=("sendmsg",)), "hangup"),
-    (CallScenario(base="out-allow-registered-ip", err_on=("sendmsg",)), "set"),
+@pytest.mark.parametrize("scenario", [
+    CallScenario(base="out-deny-respond-603", err_on=("api uuid_kill",)),
+    CallScenario(base="out-allow-registered-ip", err_on=("api uuid_setvar_multi",)),
 ])
-def test_a_refused_command_is_an_error_at_once_not_at_the_deadline(scenario, refused, switch, start_daemon):
+def test_a_refused_verdict_is_an_error_at_once_not_at_the_deadline(scenario, switch, start_daemon):
     daemon = start_daemon(switch, registrations="live", command_timeout=3.0)
     outcomes = Queue()
     daemon.server.on_outcome = outcomes.put
     result = place_call(daemon.server.address, scenario)
     outcome = outcomes.get(timeout=2)
-    assert "refused the command" in outcome.error and not outcome.effective
-    assert result.variables.get("fsguard_verdict") is None
-    assert result.verdict_at is None or result.verdict_at - result.connected_at < 1.0
+    assert "refused the verdict" in outcome.error and "simulated failure" in outcome.error
+    assert not outcome.effective and not outcome.caller_hung_up
+    assert result.variables.get("fsguard_verdict") is None and result.hangup_cause is None
+    assert result.command_lines[-1] == "exit" and result.closed_by == "switch"
+
+
+def test_a_socket_without_full_is_refused_with_the_reason(switch, start_daemon):
+    """linger and api need ``socket ... full``; without it no verdict can take effect: say so."""
+    daemon = start_daemon(switch, registrations="live", command_timeout=3.0)
+    outcomes = Queue()
+    daemon.server.on_outcome = outcomes.put
+    result = place_call(daemon.server.address, CallScenario(extra={"Control": "single-channel"}))
+    outcome = outcomes.get(timeout=2)
+    assert outcome.decision is None and "must call the socket application with 'full'" in outcome.error
+    assert result.command_lines == ["connect", "linger"] and result.variables == {}
 
 
 def test_connection_closed_after_the_verdict_is_not_a_crash(switch, start_daemon, caplog):
@@ -155,7 +167,7 @@ def test_slow_trickle_is_cut_at_the_read_deadline(switch, start_daemon):
     daemon = start_daemon(switch, command_timeout=0.5)
     sock = socket.create_connection(daemon.server.address)
     try:
-        assert sock.recv(64) == b"connect\n\n"
+        assert sock.recv(64) == b"connect\n\nlinger\n\n"  # one write (pipelined)
         sock.settimeout(5)
         started = gevent.get_hub().loop.now()
         for byte in b"Event-Name: CHANNEL_DATA\n":  # one byte every 0.1 s never ends the header block

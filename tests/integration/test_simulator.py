@@ -322,27 +322,34 @@ def test_json_events_and_respond_with_other_code() -> None:
 
 def test_api_commands() -> None:
     answers: list[str] = []
+    usage = "-USAGE: <uuid> <var>=<value>;<var>=<value>...\n"
 
     def script(peer: Peer) -> None:
         _prelude(peer)
         uuid = peer.received[0][0].headers["Unique-ID"]
         for line in (f"api uuid_exists {uuid}", "api uuid_exists nope", f"api uuid_setvar {uuid} fsguard_reason ip",
-                     "api uuid_setvar nope x y", "api nosuchcommand", f"api uuid_getvar {uuid} fsguard_reason"):
+                     "api uuid_setvar nope x y", "api nosuchcommand", f"api uuid_getvar {uuid} fsguard_reason",
+                     f"api uuid_setvar_multi {uuid} a=1;=2;b=", f"api uuid_setvar_multi {uuid}",
+                     "api uuid_setvar_multi nope a=1", f"api uuid_setvar_multi {uuid} b=2;c=x=y"):
             peer.send(command(line))
             answers.append(peer.reply().text)
         peer.send(command("bogus")); answers.append(peer.reply().reply_text)
         peer.send(command(f"api uuid_kill {uuid} CALL_REJECTED")); answers.append(peer.reply().text)
         peer.event("CHANNEL_HANGUP_COMPLETE")
         peer.send(command(f"api uuid_exists {uuid}")); answers.append(peer.reply().text)
+        peer.send(command(f"api uuid_kill {uuid}")); answers.append(peer.reply().text)
+        peer.send(command(f"api uuid_setvar_multi {uuid} fsguard_verdict=allow")); answers.append(peer.reply().text)
         peer.send(execute("set", "fsguard_verdict=allow")); answers.append(peer.reply().reply_text)
         peer.send(command("exit")); peer.wait_eof()
 
     result, _ = run_call(script, C.CallScenario())
     assert answers == [
-        "true", "false", "+OK\n", "-ERR No such channel!\n", "-ERR nosuchcommand Command not found!\n", "ip",
-        "-ERR command not found", "+OK\n", "false", "+OK",
+        "true", "false", "+OK\n", "-ERR No Such Channel!\n", "-ERR nosuchcommand Command not found!\n", "ip",
+        "-ERR No variable specified\n+OK\n", "-ERR no reply\n", "-ERR No Such Channel!\n" + usage, "+OK\n",
+        "-ERR command not found", "+OK\n", "false", "-ERR No Such Channel!\n", "-ERR No Such Channel!\n" + usage, "+OK",
     ]
-    assert result.variables == {"fsguard_reason": "ip"}  # the set after the hangup did nothing
+    # b= unset b; c=x=y splits at the first '='; nothing after the hangup took effect.
+    assert result.variables == {"fsguard_reason": "ip", "a": "1", "b": "2", "c": "x=y"}
     assert result.outcome == "rejected" and result.sip_final == "603 Decline"
 
 
