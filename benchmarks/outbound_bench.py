@@ -1,9 +1,12 @@
 """Call-decision benchmark: a running ``fsguard run`` against simulated FreeSWITCH load.
 
     .venv/bin/python -m benchmarks.outbound_bench [--quick] [--json out.json] [--profile DIR]
+    .venv/bin/python -m benchmarks.outbound_bench --soak 600 [--soak-rate 500]
 
 ``--quick`` is a ~30 s smoke run (short steps, sustainable rates); without it the
-full run takes about 5 minutes.  ``--json`` writes every figure: the input of
+full run takes about 5 minutes.  ``--soak SECONDS`` runs only cache mode at
+``--soak-rate`` calls/s for that long and prints fsguard's RSS at the start
+(after warm-up), every minute and at the end: is its memory flat?  ``--json`` writes every figure: the input of
 ``benchmarks/compare.py``, the regression guard (``benchmarks/baseline-outbound.json``
 is the stored baseline).  ``--profile DIR`` adds one profiled saturation
 window per mode (py-spy: ``.venv/bin/pip install py-spy``): collapsed stacks
@@ -11,7 +14,9 @@ and a flame graph in DIR, the top costs per decision in the output; those
 windows are not part of the figures.  ``--fsguard-tree DIR`` benchmarks the
 fsguard package found in DIR instead of this working tree (a fixed commit
 while others edit the tree: ``git archive <commit> fsguard | tar -x -C DIR``
-and ``git rev-parse <commit> > DIR/COMMIT``).  ``--wait-idle SECONDS`` waits for other
+and ``git rev-parse <commit> > DIR/COMMIT``); the generator replays this
+tree's protocol, so DIR must speak it (commits before the ``api`` verdicts
+do not).  ``--wait-idle SECONDS`` waits for other
 processes to leave the CPUs alone first.  ``--help`` lists the other knobs.
 
 Needs two CPUs: fsguard is pinned to CPU 0, everything else to CPU 1.
@@ -49,7 +54,9 @@ What runs
   made with real values.  Timing as in the simulator: in sync mode
   (``socket_mode="static"``, the shipped dialplan mode) everything is
   answered at once; in async mode a ``sendmsg`` is answered ``+OK`` at once
-  and executed on the parked session's next 20 ms frame.  The simulator
+  and executed on the parked session's next 20 ms frame (fsguard's ``api``
+  verdicts are answered at once in both modes, as FreeSWITCH's listener runs
+  them itself).  The simulator
   itself costs ~4 ms of CPU per call (measured and printed): too slow to load
   fsguard at these rates, hence the replay.
 
@@ -72,7 +79,13 @@ the next one):
 * saturation: a closed loop of 64 concurrent callers (``--concurrency``),
   each starting its next call when the previous one ends: the ceiling;
 * live mode: the saturation again with a switch that answers at once;
-* cache mode: one open-loop step in async mode (20 ms frame), to show its cost.
+* cache mode: one open-loop step in async mode: fsguard's api verdicts do
+  not wait for the 20 ms frame (on a real switch the dialplan's continuation
+  after ``exit`` does: the parked session notices on its next frame; not
+  modelled here);
+* cache mode: beyond capacity, an open loop at 1.5x the measured saturation
+  rate: every call must still get a verdict (past ``max_connections`` the
+  configured ``over_capacity`` one), none may be lost.
 
 Last, the generator's own ceiling: the same saturation step against a
 minimal ESL app (``--null-app``: framing only, decides by source IP, also
@@ -81,8 +94,13 @@ subscribed to the switch's events) pinned to CPU 0 in fsguard's place.
 Per step: decisions/s (verdicts effective inside the step's window),
 offered vs achieved rate, decision latency = from the generator's TCP
 connect (FreeSWITCH's side of the accept) to the verdict becoming effective
-(the ``+OK`` of the hangup command of a deny, the CHANNEL_EXECUTE_COMPLETE of
-``set fsguard_verdict=allow`` of an allow): p50/p99/p99.9/max; errors,
+(the answer to ``api uuid_kill`` of a deny, to ``api uuid_setvar_multi ...
+fsguard_verdict=allow`` of an allow): p50/p99/p99.9/max; fsguard's own
+share of it (the time fsguard held the turn: from the connect and from each
+of the generator's answers until fsguard's next bytes; what the simulated
+switch takes is excluded, the generator's scheduling delay is not); each
+call's verdict and reason as fsguard audited them (read back from the audit
+database by the call's uuid: over-capacity verdicts are counted there); errors,
 timeouts and wrong verdicts; the generator's lag behind its schedule; the
 CPU of fsguard (percent of its core, milliseconds per decision), of the
 generator and of the switch; busy CPU charged to no process (the kernel's
@@ -90,7 +108,8 @@ loopback TCP); CPU used by *other* processes (anything above ~0 means the
 figures are not clean: flagged); events streamed; the switch's answer time.
 
 Targets (issue): >= 2,000 decisions/s sustained in cache mode; cache
-saturation >= 5x live saturation.  Bounded: a fixed list of timed steps,
+saturation >= 5x live saturation; at 500 calls/s fsguard's own time p99 <=
+2 ms; beyond capacity no call without a verdict; memory flat (``--soak``).  Bounded: a fixed list of timed steps,
 loopback only; every process started here is stopped on exit, on Ctrl-C or
 on error (and gets SIGTERM if this process dies).
 """
@@ -138,6 +157,8 @@ DAEMON_CPU = 0
 GENERATOR_CPU = 1
 PASSWORD = "ClueCon"
 FRAME = 0.020  # async mode: sendmsg runs on the parked session's next 20 ms frame (captured)
+BEYOND_CAPACITY = 1.5  # the beyond-capacity step offers this times the saturation rate
+SOAK_SAMPLE = 60.0  # seconds per row of the soak run
 CALL_TIMEOUT = 15.0  # the generator gives up on a call after this (fsguard's command_timeout is 5 s)
 
 # Placeholders in the recorded bytes: same length as every real value.
@@ -157,10 +178,12 @@ ALLOW_PLAN = (CONNECT, LINGER, SET_ALLOW, EXIT)
 DENY_PLAN = (CONNECT, LINGER, KILL, EXIT)
 
 FULL = {"step_seconds": 20.0, "saturation_seconds": 20.0, "async_seconds": 10.0, "warmup_seconds": 3.0,
+        "beyond_capacity_seconds": 5.0,
         "cache_rates": (100, 250, 500, 1000, 2000), "live_rates": (100, 250, 500, 1000), "async_rate": 250,
         "instant_switch_seconds": 10.0, "ceiling_seconds": 10.0, "profile_seconds": 10.0, "simulator_calls": 300}
 QUICK = {"step_seconds": 2.0, "saturation_seconds": 3.0, "async_seconds": 2.0, "warmup_seconds": 0.5,
-         "cache_rates": (100, 250), "live_rates": (100,), "async_rate": 200,
+         "beyond_capacity_seconds": 2.0,
+         "cache_rates": (100, 500), "live_rates": (100,), "async_rate": 200,
          "instant_switch_seconds": 0.0, "ceiling_seconds": 2.0, "profile_seconds": 4.0, "simulator_calls": 100}
 
 
@@ -221,14 +244,27 @@ def _child_setup(cpu: int) -> None:
         pass
 
 
-def process_cpu_seconds(pid: int) -> float:
+def process_cpu_seconds(pid: int, stat_path: str = "") -> float:
     """utime + stime of a process (from /proc/PID/stat)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(stat_path or f"/proc/{pid}/stat").read_text()
     except OSError:
         return float("nan")
     fields = stat.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process (VmRSS), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """utime + stime of the process's main thread (the gevent hub: every call is decided there)."""
+    return process_cpu_seconds(pid, f"/proc/{pid}/task/{pid}/stat")
 
 
 def cpu_times() -> dict[int, tuple[float, float]]:
@@ -629,16 +665,24 @@ def record_scripts(pop: Population) -> tuple[dict[str, Script], dict]:
 
 
 class Rec:
-    """One call: times (perf_counter), expected and seen verdict, error."""
+    """One call: times (perf_counter), expected and seen verdict, error.
 
-    __slots__ = ("error", "expect", "sched", "seen", "t0", "t_conn", "t_done", "t_verdict")
+    ``own`` is the time fsguard held the turn before its verdict: from the
+    TCP connect, and from every answer of the generator, until fsguard's next
+    bytes arrived.  The generator's own work and its simulated delays (the
+    async frame) are excluded; its scheduling delay is not (an overestimate).
+    """
+
+    __slots__ = ("error", "expect", "own", "reason", "sched", "seen", "t0", "t_conn", "t_done", "t_verdict", "uuid")
 
     def __init__(self, sched: float, expect: str) -> None:
         self.sched = sched
         self.expect = expect
-        self.t0 = self.t_conn = self.t_verdict = self.t_done = 0.0
+        self.t0 = self.t_conn = self.t_verdict = self.t_done = self.own = 0.0
         self.seen = ""
         self.error = ""
+        self.uuid = ""
+        self.reason = ""  # from the audit database, after the step
 
 
 class CallTimeout(Exception):
@@ -681,11 +725,13 @@ class Generator:
         try:
             with gevent.Timeout(CALL_TIMEOUT, CallTimeout):
                 sock.connect(self.address)
-                rec.t_conn = perf()
+                rec.t_conn = turn = perf()
                 buf = b""
                 last_due = 0.0
                 while True:
                     data = sock.recv(65536)
+                    if not rec.seen:
+                        rec.own += perf() - turn
                     if not data:
                         if not rec.seen:
                             rec.error = "closed-before-verdict"
@@ -721,6 +767,7 @@ class Generator:
                             break
                     if done:
                         break
+                    turn = perf()
         except CallTimeout:
             rec.error = "timeout"
         except ConnectionRefusedError:
@@ -761,6 +808,7 @@ class Generator:
             return
         expect, values = self._spec()
         rec = Rec(sched, expect)
+        rec.uuid = values[0].decode()
         recs.append(rec)
         gevent.spawn(self.call, rec, values, mode)
 
@@ -790,6 +838,7 @@ class Generator:
             while perf() < end:
                 expect, values = self._spec()
                 rec = Rec(perf(), expect)
+                rec.uuid = values[0].decode()
                 recs.append(rec)
                 self.call(rec, values, mode)
 
@@ -879,8 +928,11 @@ def summarize(recs: list[Rec], start: float, end: float) -> dict:
         "error_count": sum(errors.values()),
         "timeouts": errors.get("timeout", 0),
         "wrong_verdicts": sum(n for e, n in errors.items() if e.startswith("verdict-")),
+        "over_capacity": sum(1 for r in recs if r.reason == "over-capacity"),
+        "without_verdict": sum(1 for r in recs if not r.seen),
         "decisions_per_s": round(in_window / (end - start), 1),
         "latency_ms": _ms([r.t_verdict - r.t0 for r in ok]),
+        "fsguard_own_ms": _ms([r.own for r in ok]),
         "latency_allowed_ms": _ms([r.t_verdict - r.t0 for r in ok if r.seen == "allow"]),
         "latency_denied_ms": _ms([r.t_verdict - r.t0 for r in ok if r.seen == "deny"]),
         "latency_from_schedule_ms": _ms([r.t_verdict - r.sched for r in ok]),
@@ -1057,6 +1109,36 @@ def audit_rows(path: Path) -> dict | None:
         return {"error": str(exc)}
 
 
+def audit_reasons(path: Path, recs: list[Rec], timeout: float = 20.0) -> dict:
+    """Each call's reason as fsguard audited it (joined on the call's uuid), and the counts.
+
+    Waits for the rows: the audit writer lags the verdicts by up to ~50 ms,
+    more after an overload.  Calls without a row are counted, not guessed.
+    """
+    wanted = {r.uuid: r for r in recs if r.uuid}
+    found: dict[str, tuple[str, str]] = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < sum(1 for r in recs if r.seen) and time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+                rows = db.execute("select call_uuid, verdict, reason from decision where id > ?",
+                                  (audit_reasons.last_id.get(path, 0),)).fetchall()
+                audit_reasons.last_id[path] = db.execute("select coalesce(max(id), 0) from decision").fetchone()[0]
+        except sqlite3.Error:
+            rows = []
+        found.update((u, (v, r)) for u, v, r in rows if u in wanted)
+        if len(found) < sum(1 for r in recs if r.seen):
+            gevent.sleep(0.2)
+    for uuid, (_verdict, reason) in found.items():
+        wanted[uuid].reason = reason
+    counts = Counter(f"{v}/{r}" for v, r in found.values())
+    return {"by_reason": dict(counts.most_common()), "audited": len(found),
+            "not_audited": sum(1 for r in recs if r.seen and r.uuid not in found)}
+
+
+audit_reasons.last_id = {}  # per database: rows already read (steps run one after the other)
+
+
 def wait_cache_ready(switch: SwitchControl, address, pop: Population, timeout: float = 60.0) -> float:
     """Until a call of a registered extension is answered without a live lookup."""
     started = time.monotonic()
@@ -1141,18 +1223,20 @@ class Bench:
         self.switch.request("reset")
         self.switch.request("events_start", rate=self.args.event_rate)
         cpu_t0, gen_t0, wall_t0 = process_cpu_seconds(target_pid), own_cpu_seconds(), perf()
+        main_t0 = main_thread_cpu_seconds(target_pid)
         sw_t0 = process_cpu_seconds(self.switch.pid)
         ours = {os.getpid(), target_pid, self.switch.pid}
         foreign0 = process_sample(ours)
         stat0, forks0 = cpu_times(), forks_since_boot()
         gen.not_started = 0
-        if kind == "open":
+        if kind in ("open", "beyond"):
             recs, start, end = gen.open_loop(rate, seconds, mode)
         else:
             recs, start, end = gen.closed_loop(concurrency, seconds, mode)
         gen.drain()
         wall = perf() - wall_t0
         target_cpu = process_cpu_seconds(target_pid) - cpu_t0
+        target_main_cpu = main_thread_cpu_seconds(target_pid) - main_t0
         gen_cpu = own_cpu_seconds() - gen_t0
         sw_cpu = process_cpu_seconds(self.switch.pid) - sw_t0
         busy = busy_pct(stat0, cpu_times())
@@ -1165,6 +1249,12 @@ class Bench:
         other = sum(busy.values()) - (target_cpu + gen_cpu + sw_cpu) / wall * 100
         result = {"name": name, "kind": kind, "socket_mode": mode, "offered_per_s": rate or None,
                   "concurrency": concurrency or None, "seconds": seconds, "settle_s": settled}
+        audit_db = self.workdir / f"audit-{self.current_mode}.db"
+        if audit_db.exists():  # not for the null app
+            result["audit"] = audit_reasons(audit_db, recs)
+            for rec in recs:  # the configured over-capacity verdict is a verdict, not a wrong one
+                if rec.reason == "over-capacity" and rec.error.startswith("verdict-"):
+                    rec.error = ""
         result.update(summarize(recs, start, end))
         done = max(result["ok"] + result["error_count"], 1)
         result.update({
@@ -1175,6 +1265,8 @@ class Bench:
             "switch_cpu_pct": round(sw_cpu / wall * 100, 1),
             "target_cpu_pct": round(target_cpu / wall * 100, 1),
             "target_cpu_ms_per_call": round(target_cpu / done * 1000, 3),
+            # The rest is fsguard's other threads: the SQLite audit writer's, gevent's resolver.
+            "target_main_thread_cpu_ms_per_call": round(target_main_cpu / done * 1000, 3),
             "generator_cpu_pct": round(gen_cpu / wall * 100, 1),
             "generator_cpu_ms_per_call": round(gen_cpu / done * 1000, 3),
             "cpu_busy_pct": {str(cpu): pct for cpu, pct in busy.items()},
@@ -1185,7 +1277,7 @@ class Bench:
             "processes_started": forks,  # machine-wide; this benchmark starts none during a step
             "wall_s": round(wall, 3),
         })
-        if kind == "open":
+        if kind in ("open", "beyond"):
             bad = result["error_count"] + gen.not_started
             result["overload"] = bool(result["decisions_per_s"] < 0.95 * rate or bad > 0.01 * max(len(recs), 1)
                                       or result["latency_ms"]["p99"] > 1000)
@@ -1229,9 +1321,16 @@ class Bench:
                                      seconds=self.cfg["step_seconds"])
                 out["steps"].append(step)
                 overloaded = step["overload"]
-            out["steps"].append(self.run_step(gen, daemon.pid, "saturation", "closed",
-                                              concurrency=self.args.concurrency,
-                                              seconds=self.cfg["saturation_seconds"]))
+            saturation = self.run_step(gen, daemon.pid, "saturation", "closed", concurrency=self.args.concurrency,
+                                       seconds=self.cfg["saturation_seconds"])
+            out["steps"].append(saturation)
+            if registrations == "cache":
+                # Offered beyond what fsguard can decide: every call must still get a verdict (the
+                # over-capacity one past max_connections), none may be dropped.
+                rate = max(100, round(BEYOND_CAPACITY * saturation["decisions_per_s"] / 100) * 100)
+                step = self.run_step(gen, daemon.pid, f"open {rate}/s (beyond capacity)", "beyond",
+                                     rate=rate, seconds=self.cfg["beyond_capacity_seconds"])
+                out["steps"].append(step)
             if registrations == "live" and self.cfg["instant_switch_seconds"]:
                 # Is live mode bound by the switch's answer time or by fsguard's CPU?
                 self.switch.request("set_api_delay", value=0.0)
@@ -1253,6 +1352,36 @@ class Bench:
         out["daemon_exit_code"] = daemon.process.returncode
         out["daemon_log"] = daemon_log_summary(daemon)
         out["audit_rows"] = audit_rows(self.workdir / f"audit-{registrations}.db")
+        return out
+
+    def run_soak(self, seconds: float, rate: float) -> dict:
+        """Cache mode at ``rate`` calls/s for ``seconds``: does fsguard's memory stay flat?"""
+        self.current_mode = "cache"
+        config = write_config(self.workdir, "cache", self.switch.address, Path(self.args.fsguard_tree))
+        daemon, address = start_daemon(self.workdir, config, "cache", Path(self.args.fsguard_tree))
+        self.children.append(daemon)
+        out: dict = {"rate": rate, "seconds": seconds, "steps": [], "rss_mb": []}
+        try:
+            out["cache_ready_after_s"] = wait_cache_ready(self.switch, address, self.pop)
+            gen = self.generator(address)
+            self.warmup(gen)
+            out["rss_mb"].append({"at_s": 0.0, "rss": rss_mb(daemon.pid)})
+            print(f"{'soak':<9} {'start':<28} fsguard RSS {out['rss_mb'][0]['rss']:.1f} MB", flush=True)
+            started = perf()
+            while perf() - started < seconds - 1:
+                length = min(SOAK_SAMPLE, seconds - (perf() - started))
+                step = self.run_step(gen, daemon.pid, f"{rate:g}/s, t={perf() - started:.0f} s", "open",
+                                     rate=rate, seconds=length)
+                step["rss_mb"] = rss_mb(daemon.pid)
+                out["steps"].append(step)
+                out["rss_mb"].append({"at_s": round(perf() - started, 1), "rss": step["rss_mb"]})
+                print(f"{'':<9} {'':<28} fsguard RSS {step['rss_mb']:.1f} MB, own time p99 "
+                      f"{step['fsguard_own_ms']['p99']:.2f} ms", flush=True)
+        finally:
+            daemon.stop()
+            self.children.remove(daemon)
+        out["daemon_exit_code"] = daemon.process.returncode
+        out["daemon_log"] = daemon_log_summary(daemon)
         return out
 
     def profile(self, gen: Generator, pid: int, mode: str) -> dict:
@@ -1503,9 +1632,37 @@ def print_by_verdict(result: dict) -> None:
                   f"{_f(d['p50'], 10, 2)} {_f(d['p99'], 8, 2)} {_f(d['max'], 8, 1)}  {st['live_lookups']:>7}")
 
 
+def print_own_time(result: dict) -> None:
+    print("\nfsguard's own time per call (the generator's answers excluded) and the verdicts fsguard audited:")
+    print(f"{'mode':<9} {'step':<28} {'own p50':>8} {'p99':>7} {'p99.9':>7}  {'no verdict':>10}  verdicts (audit)")
+    for mode, block in result["modes"].items():
+        for st in block["steps"]:
+            if st.get("skipped"):
+                continue
+            own = st["fsguard_own_ms"]
+            reasons = ", ".join(f"{k} {v}" for k, v in st.get("audit", {}).get("by_reason", {}).items())
+            print(f"{mode:<9} {st['name']:<28} {_f(own['p50'], 8, 2)} {_f(own['p99'], 7, 2)} "
+                  f"{_f(own['p99.9'], 7, 2)}  {st['without_verdict']:>10}  {reasons or '-'}")
+
+
+def print_soak(soak: dict) -> None:
+    steps = soak["steps"]
+    rss = [r["rss"] for r in soak["rss_mb"]]
+    calls = sum(s["calls"] for s in steps)
+    errors = sum(s["error_count"] + s.get("not_started", 0) for s in steps)
+    without = sum(s["without_verdict"] for s in steps)
+    own99 = max((s["fsguard_own_ms"]["p99"] for s in steps), default=float("nan"))
+    print(f"\nsoak: {soak['rate']:g} calls/s for {soak['seconds']:.0f} s, cache mode: {calls:,} calls, "
+          f"{errors} errors, {without} without a verdict; worst per-minute p99 of fsguard's own time {own99:.2f} ms")
+    print(f"  fsguard RSS, MB: start {rss[0]:.1f}, end {rss[-1]:.1f}, max {max(rss):.1f} "
+          f"(after warm-up; every minute: {', '.join(f'{r:.1f}' for r in rss)})")
+    print(f"  fsguard: exit code {soak['daemon_exit_code']}, {soak['daemon_log']['errors']} error lines")
+
+
 def print_summary(result: dict) -> None:
     s = result["summary"]
     print_by_verdict(result)
+    print_own_time(result)
     print("\nsummary")
     if s["contaminated_steps"]:
         print(f"  WARNING: {s['contaminated_steps']} step(s) ran with other processes on the CPUs (column 'frgn' "
@@ -1516,6 +1673,14 @@ def print_summary(result: dict) -> None:
           f"{s['live_sustained_rate']} calls/s")
     print(f"  cache/live saturation ratio: {s['cache_live_ratio']:.2f}x -> target >= 5x: "
           f"{'PASS' if s['target_ratio_5x'] else 'FAIL'}")
+    if s.get("own_p99_ms_at_500") is not None:
+        print(f"  at 500 calls/s (cache): fsguard's own time p99 {s['own_p99_ms_at_500']:.2f} ms -> target <= 2 ms: "
+              f"{'PASS' if s['target_own_p99_2ms'] else 'FAIL'}")
+    beyond = s.get("beyond_capacity")
+    if beyond:
+        print(f"  beyond capacity ({beyond['offered_per_s']:,}/s offered, {beyond['calls']:,} calls): "
+              f"{beyond['without_verdict']} without a verdict, {beyond['over_capacity']:,} over-capacity verdicts, "
+              f"{beyond['errors']} other errors -> every call decided: {'PASS' if beyond['all_decided'] else 'FAIL'}")
     if s.get("generator_ceiling_per_s"):
         print(f"  generator ceiling (null app in fsguard's place): {s['generator_ceiling_per_s']:,.0f} calls/s "
               f"at {s['generator_ceiling_cpu_pct']:.0f}% of CPU {GENERATOR_CPU} (+{s['switch_cpu_pct_at_ceiling']:.0f}% "
@@ -1555,6 +1720,18 @@ def summary(result: dict) -> dict:
         "generator_cpu_pct_at_cache_saturation": step("cache", "saturation").get("generator_cpu_pct"),
         "generator_ms_per_call_at_cache_saturation": step("cache", "saturation").get("generator_cpu_ms_per_call"),
     }
+    at500 = step("cache", "open 500/s")
+    if at500:
+        out["own_p99_ms_at_500"] = at500["fsguard_own_ms"]["p99"]
+        out["target_own_p99_2ms"] = at500["fsguard_own_ms"]["p99"] <= 2.0
+    beyond = next((st for st in result["modes"].get("cache", {}).get("steps", []) if st.get("kind") == "beyond"), None)
+    if beyond:
+        out["beyond_capacity"] = {
+            "offered_per_s": beyond["offered_per_s"], "calls": beyond["calls"],
+            "without_verdict": beyond["without_verdict"], "over_capacity": beyond["over_capacity"],
+            "errors": beyond["error_count"] + beyond.get("not_started", 0),
+            "all_decided": beyond["without_verdict"] == 0 and beyond["error_count"] + beyond.get("not_started", 0) == 0,
+        }
     out["contaminated_steps"] = sum(1 for st in all_steps(result) if contaminated(st))
     ceiling = result.get("generator_ceiling")
     if ceiling:
@@ -1596,6 +1773,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "repository's working tree")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="wait up to SECONDS for other processes to use < 10%% of a CPU before starting")
+    parser.add_argument("--soak", type=float, metavar="SECONDS",
+                        help="instead of the steps: cache mode at --soak-rate for SECONDS (e.g. 600), fsguard's "
+                             "RSS at start, every minute and at the end")
+    parser.add_argument("--soak-rate", type=float, default=500.0, help="calls/s of --soak")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     parser.add_argument("--null-app", action="store_true", help=argparse.SUPPRESS)
@@ -1676,8 +1857,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fsguard: `fsguard run` pinned to CPU {DAEMON_CPU}, log_level=warning (allowed calls' INFO decision "
               f"lines are not written; denied calls' WARNING lines go to a log file); generator and switch (two processes) on "
               f"CPU {GENERATOR_CPU}")
-        print("latency = generator's TCP connect -> verdict effective (+OK of the hangup / EXECUTE_COMPLETE of "
-              "set fsguard_verdict=allow); ms; lag99 = generator's p99 delay behind its schedule; tgtCPU, ms/call = "
+        print("latency = generator's TCP connect -> verdict effective (answer to api uuid_kill / uuid_setvar_multi); "
+              "ms; lag99 = generator's p99 delay behind its schedule; tgtCPU, ms/call = "
               "CPU of the process under test; genCPU = this process (the generator); swCPU = the switch "
               "process; krnl = busy CPU charged to no process (loopback TCP softirq, ...); frgn = CPU used by "
               "other processes (must stay ~0); api99 = p99 service time of the "
@@ -1701,6 +1882,14 @@ def main(argv: list[str] | None = None) -> int:
             "before_run": idle,
             "modes": {},
         }
+        if args.soak:
+            soak = result["soak"] = bench.run_soak(args.soak, args.soak_rate)
+            result["elapsed_s"] = round(time.time() - started, 1)
+            print_soak(soak)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+                print(f"  results: {args.json}")
+            return 0
         for mode in ("cache", "live"):
             result["modes"][mode] = bench.run_mode(mode)
         if not args.no_ceiling:

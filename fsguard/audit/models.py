@@ -132,7 +132,14 @@ _INT32 = 2**31 - 1  # INTEGER columns
 
 
 def _limit(name: str) -> int | None:
-    return getattr(AuditDecision.__table__.c[name].type, "length", None)
+    try:
+        return _LIMITS[name]
+    except KeyError:  # looked up once per column: this runs for every field of every decision
+        limit = _LIMITS[name] = getattr(AuditDecision.__table__.c[name].type, "length", None)
+        return limit
+
+
+_LIMITS: dict[str, int | None] = {}
 
 
 def clean(value: str, limit: int | None) -> str:

@@ -44,9 +44,11 @@ class Connection:
 
     def read(self, timeout: float) -> Message:
         if not self._inbox:
-            with gevent.Timeout(timeout, ESLTimeout(f"no complete ESL message within {timeout:g}s")):
+            with gevent.Timeout(timeout, False):  # silent: the error below is built only when it fires
                 while not self._inbox:
                     self._receive()
+            if not self._inbox:
+                raise ESLTimeout(f"no complete ESL message within {timeout:g}s")
         return self._inbox.popleft()
 
     def _receive(self) -> None:
