@@ -12,6 +12,7 @@ run is worse beyond the tolerance:
 * the cache/live saturation ratio dropped by more than ``tolerance``;
 * an offered-rate step that the baseline sustained is now overloaded, or
   lost calls (errors, timeouts, wrong verdicts) beyond 0.5% of its calls;
+* the beyond-capacity step left calls without a verdict, or lost more;
 * the p99 decision latency of an offered-rate step the baseline sustained
   with fsguard's CPU at most ``--p99-max-load`` busy (default 60%) rose by
   more than ``tolerance`` *and* by more than ``--p99-floor-ms`` (default
@@ -118,6 +119,12 @@ def compare(base: dict, new: dict, tolerance: float, p99_floor_ms: float,
             row(key, "p99 ms (info)", old["latency_ms"]["p99"], cur["latency_ms"]["p99"], False, " (not judged)")
             if lost(cur) > lost(old) + 0.005:
                 regressions.append(f"{key[0]} {key[1]}: {lost(cur):.2%} of calls lost (baseline {lost(old):.2%})")
+            continue
+        if old.get("kind") == "beyond":
+            # Offered beyond capacity on purpose: judged on every call getting a verdict, not on timings.
+            if cur.get("without_verdict", 0) > old.get("without_verdict", 0) or lost(cur) > lost(old) + 0.005:
+                regressions.append(f"{key[0]} {key[1]}: {cur.get('without_verdict', 0)} calls without a verdict, "
+                                   f"{lost(cur):.2%} lost (baseline {old.get('without_verdict', 0)}, {lost(old):.2%})")
             continue
         if old.get("overload"):
             continue  # an overloaded step's latency is its queue: not a reference

@@ -158,6 +158,7 @@ DAEMON_CPU = 0
 GENERATOR_CPU = 1
 PASSWORD = "ClueCon"
 FRAME = 0.020  # async mode: sendmsg runs on the parked session's next 20 ms frame (captured)
+OWN_TIME_RATE = 500  # calls/s of the target on fsguard's own time (issue: p99 <= 2 ms at 500 calls/s)
 BEYOND_CAPACITY = 1.5  # the beyond-capacity step offers this times the saturation rate
 SOAK_SAMPLE = 60.0  # seconds per row of the soak run
 CALL_TIMEOUT = 15.0  # the generator gives up on a call after this (fsguard's command_timeout is 5 s)
@@ -1452,9 +1453,12 @@ class Bench:
             rate = max(self.cfg["cache_rates"])
             offered = self.run_step(gen, child.pid, f"open {rate}/s", "open", rate=rate,
                                     seconds=self.cfg["ceiling_seconds"])
+            # The floor of "fsguard's own time": the same measurement of an app that does nothing.
+            floor = self.run_step(gen, child.pid, f"open {OWN_TIME_RATE}/s", "open", rate=OWN_TIME_RATE,
+                                  seconds=self.cfg["step_seconds"])
             ceiling = self.run_step(gen, child.pid, "saturation", "closed", concurrency=self.args.concurrency,
                                     seconds=self.cfg["ceiling_seconds"])
-            return ceiling | {"open_loop": offered}
+            return ceiling | {"open_loop": offered, "own_time_floor": floor}
         finally:
             child.stop()
             self.children.remove(child)
@@ -1659,7 +1663,8 @@ def print_own_time(result: dict) -> None:
     blocks = list(result["modes"].items())
     if result.get("generator_ceiling"):  # the null app: the floor of this measurement
         ceiling = result["generator_ceiling"]
-        blocks.append(("null app", {"steps": [s for s in (ceiling.get("open_loop"), ceiling) if s]}))
+        blocks.append(("null app", {"steps": [s for s in (ceiling.get("open_loop"), ceiling.get("own_time_floor"),
+                                                          ceiling) if s]}))
     for mode, block in blocks:
         for st in block["steps"]:
             if st.get("skipped") or "fsguard_own_ms" not in st:
@@ -1700,9 +1705,13 @@ def print_summary(result: dict) -> None:
     print(f"  cache/live saturation ratio: {s['cache_live_ratio']:.2f}x -> target >= 5x: "
           f"{'PASS' if s['target_ratio_5x'] else 'FAIL'}")
     if s.get("own_p99_ms_at_500") is not None:
-        print(f"  at 500 calls/s (cache): fsguard's own time p99 {s['own_p99_ms_at_500']:.2f} ms for allowed calls "
-              f"({s['own_p99_ms_at_500_all_calls']:.2f} ms with the denied ones' live confirmation) -> target <= 2 ms: "
-              f"{'PASS' if s['target_own_p99_2ms'] else 'FAIL'}")
+        floor = ""
+        if "own_p99_ms_floor" in s:
+            floor = (f", the same measurement of the null app {s['own_p99_ms_floor']:.2f} ms: fsguard adds "
+                     f"{s['own_p99_ms_at_500_net']:.2f} ms")
+        print(f"  at {OWN_TIME_RATE} calls/s (cache): fsguard's own time p99 {s['own_p99_ms_at_500']:.2f} ms for allowed "
+              f"calls ({s['own_p99_ms_at_500_all_calls']:.2f} ms with the denied ones' live confirmation){floor} "
+              f"-> target <= 2 ms: {'PASS' if s['target_own_p99_2ms'] else 'FAIL'}")
     beyond = s.get("beyond_capacity")
     if beyond:
         print(f"  beyond capacity ({beyond['offered_per_s']:,}/s offered, {beyond['calls']:,} calls): "
@@ -1747,13 +1756,19 @@ def summary(result: dict) -> dict:
         "generator_cpu_pct_at_cache_saturation": step("cache", "saturation").get("generator_cpu_pct"),
         "generator_ms_per_call_at_cache_saturation": step("cache", "saturation").get("generator_cpu_ms_per_call"),
     }
-    at500 = step("cache", "open 500/s")
+    at500 = step("cache", f"open {OWN_TIME_RATE}/s")
     if at500:
         # Allowed calls: in cache mode nothing the simulator does is inside fsguard's turn (denied calls
         # include the switch's answer to their live confirmation lookup).
         out["own_p99_ms_at_500"] = at500["fsguard_own_allowed_ms"]["p99"]
         out["own_p99_ms_at_500_all_calls"] = at500["fsguard_own_ms"]["p99"]
-        out["target_own_p99_2ms"] = at500["fsguard_own_allowed_ms"]["p99"] <= 2.0
+        floor = (result.get("generator_ceiling") or {}).get("own_time_floor")
+        if floor:
+            # The null app's own time is what this measurement reads for an app that does nothing (the
+            # generator's and the kernel's share): fsguard's contribution is what it adds to it.
+            out["own_p99_ms_floor"] = floor["fsguard_own_allowed_ms"]["p99"]
+            out["own_p99_ms_at_500_net"] = round(out["own_p99_ms_at_500"] - out["own_p99_ms_floor"], 3)
+        out["target_own_p99_2ms"] = out.get("own_p99_ms_at_500_net", out["own_p99_ms_at_500"]) <= 2.0
     beyond = next((st for st in result["modes"].get("cache", {}).get("steps", []) if st.get("kind") == "beyond"), None)
     if beyond:
         out["beyond_capacity"] = {
