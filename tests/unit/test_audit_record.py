@@ -145,3 +145,16 @@ def test_cli_exit_codes_are_the_daemons():
     from fsguard.daemon import EXIT_CONFIG, EXIT_UNAVAILABLE
 
     assert (cli.EXIT_CONFIG, cli.EXIT_UNAVAILABLE) == (EXIT_CONFIG, EXIT_UNAVAILABLE)
+
+
+def test_record_ids_are_version_7_and_ordered_by_time(monkeypatch):
+    import time as time_module
+
+    from fsguard.audit.writer import new_record_id
+
+    clock = iter([1_795_370_590_000_000_000, 1_795_370_590_001_000_000, 1_795_370_590_001_000_000])
+    monkeypatch.setattr(time_module, "time_ns", lambda: next(clock))
+    first, second, third = new_record_id(), new_record_id(), new_record_id()
+    assert {first.version, second.version, third.version} == {7} and first.variant == second.variant == "specified in RFC 4122"
+    assert first.int >> 80 == 1_795_370_590_000 and second.int >> 80 == third.int >> 80 == 1_795_370_590_001
+    assert first < second and second != third  # later millisecond sorts after; same millisecond: random bits differ
