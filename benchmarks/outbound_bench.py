@@ -1210,20 +1210,23 @@ def drop_pg_database(url: str) -> None:
     admin.dispose()
 
 
-def pin_audit_backends(url: str) -> None:
+def pin_audit_backends(url: str) -> set[int]:
     """PostgreSQL: the server process writing fsguard's audit rows works on the generator's CPU, not on
     fsguard's (in production it is another process, often another machine)."""
     if url.startswith("sqlite"):
-        return
+        return set()
     try:
         pids = _audit_query(url, "select pid from pg_stat_activity where application_name = 'fsguard'")
     except Exception:  # noqa: BLE001 - best effort; the 'frgn' column shows what was left
-        return
+        return set()
+    pinned = set()
     for (pid,) in pids:
         try:
             os.sched_setaffinity(pid, {GENERATOR_CPU})
+            pinned.add(pid)
         except OSError:
             pass
+    return pinned
 
 
 def wait_cache_ready(switch: SwitchControl, address, pop: Population, timeout: float = 60.0) -> float:
@@ -1307,15 +1310,16 @@ class Bench:
 
     def run_step(self, gen: Generator, target_pid: int, name: str, kind: str, mode: str = "static",
                  rate: float = 0.0, concurrency: int = 0, seconds: float = 0.0) -> dict:
+        backends: set[int] = set()
         if self.current_mode in ("cache", "live"):
-            pin_audit_backends(self.audit_url(self.current_mode))  # a new connection gets pinned too
+            backends = pin_audit_backends(self.audit_url(self.current_mode))  # a new connection gets pinned too
         settled = self.settle(target_pid, 0.5 if self.args.quick else 1.0)
         self.switch.request("reset")
         self.switch.request("events_start", rate=self.args.event_rate)
         cpu_t0, gen_t0, wall_t0 = process_cpu_seconds(target_pid), own_cpu_seconds(), perf()
         main_t0 = main_thread_cpu_seconds(target_pid)
         sw_t0 = process_cpu_seconds(self.switch.pid)
-        ours = {os.getpid(), target_pid, self.switch.pid}
+        ours = {os.getpid(), target_pid, self.switch.pid} | backends  # PostgreSQL's: part of the set-up
         foreign0 = process_sample(ours)
         stat0, forks0 = cpu_times(), forks_since_boot()
         gen.not_started = 0
