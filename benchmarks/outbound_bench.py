@@ -1319,6 +1319,7 @@ class Bench:
         cpu_t0, gen_t0, wall_t0 = process_cpu_seconds(target_pid), own_cpu_seconds(), perf()
         main_t0 = main_thread_cpu_seconds(target_pid)
         sw_t0 = process_cpu_seconds(self.switch.pid)
+        db_t0 = {pid: process_cpu_seconds(pid) for pid in backends}
         ours = {os.getpid(), target_pid, self.switch.pid} | backends  # PostgreSQL's: part of the set-up
         foreign0 = process_sample(ours)
         stat0, forks0 = cpu_times(), forks_since_boot()
@@ -1333,6 +1334,7 @@ class Bench:
         target_main_cpu = main_thread_cpu_seconds(target_pid) - main_t0
         gen_cpu = own_cpu_seconds() - gen_t0
         sw_cpu = process_cpu_seconds(self.switch.pid) - sw_t0
+        db_cpu = sum(process_cpu_seconds(pid) - t for pid, t in db_t0.items())
         busy = busy_pct(stat0, cpu_times())
         forks = forks_since_boot() - forks0
         foreign, foreign_top = foreign_usage(foreign0, process_sample(ours), wall)
@@ -1340,7 +1342,7 @@ class Bench:
         switch_stats = self.switch.request("stats")
         # Busy CPU time none of the three processes was charged with: other processes, and the kernel's
         # own work (loopback TCP in softirq, ...).
-        other = sum(busy.values()) - (target_cpu + gen_cpu + sw_cpu) / wall * 100
+        other = sum(busy.values()) - (target_cpu + gen_cpu + sw_cpu + db_cpu) / wall * 100
         result = {"name": name, "kind": kind, "socket_mode": mode, "offered_per_s": rate or None,
                   "concurrency": concurrency or None, "seconds": seconds, "settle_s": settled}
         if self.current_mode in ("cache", "live"):  # not for the null app
@@ -1356,6 +1358,7 @@ class Bench:
             "live_lookups": switch_stats["user_lookups"],
             "switch_api_service_ms": switch_stats["service_ms"],
             "switch_cpu_pct": round(sw_cpu / wall * 100, 1),
+            "audit_db_cpu_pct": round(db_cpu / wall * 100, 1),  # --audit postgresql: its backend, on CPU 1
             "target_cpu_pct": round(target_cpu / wall * 100, 1),
             "target_cpu_ms_per_call": round(target_cpu / done * 1000, 3),
             # The rest is fsguard's other threads: the SQLite audit writer's, gevent's resolver.
