@@ -183,7 +183,7 @@ ALLOW_PLAN = (CONNECT, LINGER, SET_ALLOW, EXIT)
 DENY_PLAN = (CONNECT, LINGER, KILL, EXIT)
 
 FULL = {"step_seconds": 20.0, "saturation_seconds": 20.0, "async_seconds": 10.0, "warmup_seconds": 3.0,
-        "beyond_capacity_seconds": 5.0,
+        "beyond_capacity_seconds": 3.0,  # the generator keeps at most 4,000 calls in flight
         "cache_rates": (100, 250, 500, 1000, 2000), "live_rates": (100, 250, 500, 1000), "async_rate": 250,
         "instant_switch_seconds": 10.0, "ceiling_seconds": 10.0, "profile_seconds": 10.0, "simulator_calls": 300}
 QUICK = {"step_seconds": 2.0, "saturation_seconds": 3.0, "async_seconds": 2.0, "warmup_seconds": 0.5,
