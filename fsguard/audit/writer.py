@@ -19,14 +19,22 @@ Back-pressure: while an insert is in flight the queue grows; past half of
 full anyway (the spool cannot be written either) is a decision not audited;
 ``dropped`` counts those and the log says which call.
 
+SQLite batches are taken at most every BATCH_INTERVAL (or as soon as
+batch_size rows wait): handing a batch to SQLite's thread and back costs
+~0.2 ms of CPU whatever its size, so at 1,000 decisions/s 50-row batches
+instead of one per decision save most of it (benchmarks/outbound_bench.py);
+rows reach the file at most ~50 ms after their verdict.  PostgreSQL batches
+are taken as soon as the previous insert returns (gathering them there made
+a stalled database's timeout unreliable: seen in
+tests/integration/test_audit_writer.py, not understood yet).
+
 SQLite audit databases are written from a thread of the writer's own (the
 sqlite3 module cannot yield, and WAL checkpoints fsync): see ``_insert`` and
-benchmarks/audit_bench.py.  Handing a batch to that thread and back costs
-~0.2 ms of CPU whatever its size, so SQLite batches are taken at most every
-SQLITE_BATCH_INTERVAL (or as soon as batch_size rows wait): at 1,000
-decisions/s that is 50-row batches instead of one handoff per decision
-(benchmarks/outbound_bench.py measured ~0.2 ms of CPU per decision saved).  The spool, written only while the database is
-failing or behind, stays on the hub.
+benchmarks/audit_bench.py.  While that thread runs Python code it holds the
+GIL, and by default the hub waits up to 5 ms to get it back: start() lowers
+that switch interval to GIL_SWITCH_INTERVAL, or every such batch would add
+milliseconds to the calls decided meanwhile.  The spool, written only while
+the database is failing or behind, stays on the hub.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import sys
 import time
 import uuid
 from collections import deque
@@ -59,7 +68,8 @@ log = logging.getLogger(__name__)
 SPILL_INTERVAL = 0.05  # seconds rows may wait in memory while the database is failing
 FIRST_RETRY = 0.1  # seconds before the first retry; doubles up to retry_interval
 STOP_KILL_GRACE = 1.0  # seconds for an interrupted insert to unwind on stop
-SQLITE_BATCH_INTERVAL = 0.05  # seconds between SQLite batches while fewer than batch_size rows wait
+BATCH_INTERVAL = 0.05  # seconds between batches while fewer than batch_size rows wait
+GIL_SWITCH_INTERVAL = 0.0005  # seconds the hub may wait for the GIL held by SQLite's writer thread
 
 _INSERT = {
     "postgresql": postgresql.insert(AuditDecision).on_conflict_do_nothing(index_elements=["record_id"]),
@@ -105,7 +115,7 @@ class AuditWriter:
         self._greenlets: list[gevent.Greenlet] = []
         self._wake = Event()  # the queue has rows, or stop was asked
         self._full = Event()  # batch_size rows wait, or stop was asked
-        self._last_batch = 0.0  # monotonic time the last SQLite batch was taken
+        self._last_batch = 0.0  # monotonic time the last batch was taken
         self._pressure = Event()  # the queue is past half full
         self._stopping = Event()
         self._stopped = False
@@ -125,6 +135,7 @@ class AuditWriter:
         self._engine = create_engine(self._url, poolclass=NullPool)  # one connection, owned by the writer
         if self._url.get_backend_name() == "sqlite":
             self._thread = ThreadPool(1)
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         if self._spool.rows:
             log.info("audit: %d decisions waiting in the spool %s, writing them first",
                      self._spool.rows, self._spool.path)
@@ -241,8 +252,8 @@ class AuditWriter:
         return None, False
 
     def _gather(self) -> None:
-        """SQLite: let rows gather until SQLITE_BATCH_INTERVAL after the last batch (see the module doc)."""
-        wait = self._last_batch + SQLITE_BATCH_INTERVAL - time.monotonic()
+        """SQLite: let rows gather until BATCH_INTERVAL after the last batch (see the module doc)."""
+        wait = self._last_batch + BATCH_INTERVAL - time.monotonic()
         if wait > 0 and len(self._queue) < self._batch_size and not self._stopping.is_set():
             self._full.clear()
             self._full.wait(wait)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 from fsguard.audit import AuditRecord, AuditWriter
 from fsguard.audit.spool import Spool
-from fsguard.audit.writer import SQLITE_BATCH_INTERVAL
+from fsguard.audit.writer import BATCH_INTERVAL, GIL_SWITCH_INTERVAL
 from fsguard.config import AuditConfig
 from fsguard.guard import Guard
 from fsguard.policy import Policy
@@ -336,11 +336,10 @@ def test_sigkill_loses_nothing_already_spooled(pg_url, tmp_path):
     assert_written_once_in_order(pg_url, 500)
 
 
-def test_sqlite_rows_trickling_in_share_a_batch(tmp_path, writers):
+def test_sqlite_rows_trickling_in_share_a_batch(sqlite_url, tmp_path, writers):
     """One row per millisecond: SQLite batches gather rows instead of one thread handoff per row."""
-    url = f"sqlite:///{tmp_path / 'trickle.db'}"
-    upgrade(url)
-    writer = writers(config(url, tmp_path))
+    db_url = sqlite_url
+    writer = writers(config(db_url, tmp_path))
     batches = []
     real_insert = writer._insert_now
     writer._insert_now = lambda batch: (batches.append(len(batch)), real_insert(batch))[1]
@@ -350,6 +349,13 @@ def test_sqlite_rows_trickling_in_share_a_batch(tmp_path, writers):
         gevent.sleep(0.001)  # spacing the load, not waiting for a result
         writer.submit(record(n))
     assert writer.wait_for(lambda s: s["written"] == 31, WAIT), writer.stats()
-    assert_written_once_in_order(url, 31)
+    assert_written_once_in_order(db_url, 31)
     # ~30 ms of rows against a 50 ms interval: 2 batches here, a few more on a slow machine; 31 without it.
-    assert len(batches) <= 1 + 30 * 0.001 / SQLITE_BATCH_INTERVAL + 4, batches
+    assert len(batches) <= 1 + 30 * 0.001 / BATCH_INTERVAL + 4, batches
+
+
+def test_a_sqlite_writer_thread_cannot_hold_the_gil_for_long(sqlite_url, tmp_path, writers, monkeypatch):
+    monkeypatch.setattr(sys, "setswitchinterval", lambda value: seen.append(value))
+    seen: list[float] = []
+    writers(config(sqlite_url, tmp_path))
+    assert seen and seen[-1] <= GIL_SWITCH_INTERVAL  # the hub waits at most this for the GIL
