@@ -1539,8 +1539,8 @@ class Bench:
             offered = self.run_step(gen, child.pid, f"open {rate}/s", "open", rate=rate,
                                     seconds=self.cfg["ceiling_seconds"])
             # The floor of "fsguard's own time": the same measurement of an app that does nothing.
-            floor = self.run_step(gen, child.pid, f"open {OWN_TIME_RATE}/s", "open", rate=OWN_TIME_RATE,
-                                  seconds=self.cfg["step_seconds"])
+            floor = offered if rate == OWN_TIME_RATE else self.run_step(
+                gen, child.pid, f"open {OWN_TIME_RATE}/s", "open", rate=OWN_TIME_RATE, seconds=self.cfg["step_seconds"])
             ceiling = self.run_step(gen, child.pid, "saturation", "closed", concurrency=self.args.concurrency,
                                     seconds=self.cfg["ceiling_seconds"])
             return ceiling | {"open_loop": offered, "own_time_floor": floor}
@@ -1748,7 +1748,9 @@ def print_own_time(result: dict) -> None:
     blocks = list(result["modes"].items())
     if result.get("generator_ceiling"):  # the null app: the floor of this measurement
         ceiling = result["generator_ceiling"]
-        blocks.append(("null app", {"steps": [s for s in (ceiling.get("open_loop"), ceiling.get("own_time_floor"),
+        floor = ceiling.get("own_time_floor")
+        blocks.append(("null app", {"steps": [s for s in (ceiling.get("open_loop"),
+                                                          floor if floor is not ceiling.get("open_loop") else None,
                                                           ceiling) if s]}))
     for mode, block in blocks:
         for st in block["steps"]:
