@@ -96,7 +96,7 @@ class CallConversation:
 
 def verdict_command(uuid: str, action: Action, reason: str) -> bytes:
     """The ``api`` command that makes the verdict effective on channel ``uuid``."""
-    if not uuid.isascii() or not uuid.isprintable() or " " in uuid or ";" in uuid:
+    if not uuid or not uuid.isascii() or not uuid.isprintable() or " " in uuid or ";" in uuid:
         raise ProtocolError(f"channel uuid {uuid[:60]!r} cannot be used in an api command")
     if action is Action.DENY:
         return command(f"api uuid_kill {uuid} {REJECT_CAUSE}")

@@ -116,3 +116,31 @@ def test_encoded_headers_round_trip(headers):
 
     block = "\n".join(f"{k}: {quote(v, safe='')}" for k, v in headers.items()).encode()
     assert decode_header_block(block) == headers
+
+
+def test_verdict_commands_are_single_api_lines():
+    from fsguard.esl.outbound import verdict_command
+    from fsguard.policy import Action
+
+    uuid = "2d7de648-4ca7-4d57-a317-3171d3878734"
+    assert verdict_command(uuid, Action.DENY, "ip-not-registered") == (
+        f"api uuid_kill {uuid} CALL_REJECTED\n\n".encode())
+    assert verdict_command(uuid, Action.ALLOW, "registered-ip") == (
+        f"api uuid_setvar_multi {uuid} fsguard_reason=registered-ip;fsguard_verdict=allow\n\n".encode())
+
+
+@pytest.mark.parametrize("uuid", ["a b", "a;fsguard_verdict=allow", "a\nexit", "", "caf\u00e9"])
+def test_a_uuid_that_would_change_the_api_command_is_refused(uuid):
+    from fsguard.esl.outbound import verdict_command
+    from fsguard.policy import Action
+
+    with pytest.raises((ProtocolError, ValueError)):
+        verdict_command(uuid, Action.ALLOW, "registered-ip")
+
+
+def test_a_reason_that_would_add_a_variable_is_refused():
+    from fsguard.esl.outbound import verdict_command
+    from fsguard.policy import Action
+
+    with pytest.raises(ValueError):
+        verdict_command("2d7de648", Action.ALLOW, "x;fsguard_verdict=allow")
