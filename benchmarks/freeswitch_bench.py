@@ -252,16 +252,15 @@ def _error_answers(skip: int | None = None) -> str:
 
 # The measured call.  Variables (-set): dom, fdom, user, ua.  The RTD "setup" is sipp's own
 # (coarse) measurement of the same interval, kept as a cross-check of the trace.
-UAC_SCENARIO = """\
-<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<!-- benchmarks/freeswitch_bench.py: one authenticated call.  INVITE -> 407 -> ACK ->
-     INVITE with Proxy-Authorization -> 200 -> ACK, hold (-d), BYE -> 200.  An error answer
-     to either INVITE is ACKed and fails the call (FailedRegexpDoesntMatch); anything else
-     unexpected, or no answer within -recv_timeout, fails it through sipp's own abort. -->
-<scenario name="fsguard benchmark: authenticated call">
-  <Global variables="dom,fdom,user,ua" />
-  <send retrans="500">
+def _invite(cseq: int, authenticated: bool = False) -> str:
+    """The scenario's INVITE: the first one (answered 407), then the same with the digest
+    credentials, which starts the set-up time (rtd "setup")."""
+    return _INVITE.format(cseq=cseq, rtd=' start_rtd="setup"' if authenticated else "",
+                          auth="      [authentication]\n" if authenticated else "")
+
+
+_INVITE = """\
+  <send retrans="500"{rtd}>
     <![CDATA[
 
       INVITE sip:[service]@[$dom] SIP/2.0
@@ -269,9 +268,9 @@ UAC_SCENARIO = """\
       From: "[$user]" <sip:[$user]@[$fdom]>;tag=[pid]SIPpTag01[call_number]
       To: <sip:[service]@[$dom]>
       Call-ID: [call_id]
-      CSeq: 1 INVITE
+      CSeq: {cseq} INVITE
       Contact: <sip:[$user]@[local_ip]:[local_port];transport=[transport]>
-      Max-Forwards: 70
+{auth}      Max-Forwards: 70
       User-Agent: [$ua]
       Allow: INVITE, ACK, CANCEL, BYE, NOTIFY, REFER, OPTIONS, INFO, MESSAGE
       Content-Type: application/sdp
@@ -290,7 +289,19 @@ UAC_SCENARIO = """\
 
     ]]>
   </send>
-  <recv response="100" optional="true"/>
+"""
+
+
+UAC_SCENARIO = """\
+<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<!-- benchmarks/freeswitch_bench.py: one authenticated call.  INVITE -> 407 -> ACK ->
+     INVITE with Proxy-Authorization -> 200 -> ACK, hold (-d), BYE -> 200.  An error answer
+     to either INVITE is ACKed and fails the call (FailedRegexpDoesntMatch); anything else
+     unexpected, or no answer within -recv_timeout, fails it through sipp's own abort. -->
+<scenario name="fsguard benchmark: authenticated call">
+  <Global variables="dom,fdom,user,ua" />
+""" + _invite(1) + """  <recv response="100" optional="true"/>
 """ + _error_answers(skip=407) + """
   <recv response="407" auth="true"/>
   <send>
@@ -307,37 +318,7 @@ UAC_SCENARIO = """\
 
     ]]>
   </send>
-  <send retrans="500" start_rtd="setup">
-    <![CDATA[
-
-      INVITE sip:[service]@[$dom] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "[$user]" <sip:[$user]@[$fdom]>;tag=[pid]SIPpTag01[call_number]
-      To: <sip:[service]@[$dom]>
-      Call-ID: [call_id]
-      CSeq: 2 INVITE
-      Contact: <sip:[$user]@[local_ip]:[local_port];transport=[transport]>
-      [authentication]
-      Max-Forwards: 70
-      User-Agent: [$ua]
-      Allow: INVITE, ACK, CANCEL, BYE, NOTIFY, REFER, OPTIONS, INFO, MESSAGE
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0 101
-      a=rtpmap:0 PCMU/8000
-      a=rtpmap:101 telephone-event/8000
-      a=fmtp:101 0-15
-      a=sendrecv
-
-    ]]>
-  </send>
-  <recv response="100" optional="true"/>
+""" + _invite(2, authenticated=True) + """  <recv response="100" optional="true"/>
   <recv response="180" optional="true"/>
   <recv response="183" optional="true"/>
 """ + _error_answers() + """
