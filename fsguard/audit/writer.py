@@ -19,14 +19,12 @@ Back-pressure: while an insert is in flight the queue grows; past half of
 full anyway (the spool cannot be written either) is a decision not audited;
 ``dropped`` counts those and the log says which call.
 
-SQLite batches are taken at most every BATCH_INTERVAL (or as soon as
-batch_size rows wait): handing a batch to SQLite's thread and back costs
-~0.2 ms of CPU whatever its size, so at 1,000 decisions/s 50-row batches
-instead of one per decision save most of it (benchmarks/outbound_bench.py);
-rows reach the file at most ~50 ms after their verdict.  PostgreSQL batches
-are taken as soon as the previous insert returns (gathering them there made
-a stalled database's timeout unreliable: seen in
-tests/integration/test_audit_writer.py, not understood yet).
+Batches are taken at most every BATCH_INTERVAL (or as soon as batch_size
+rows wait): a batch costs about the same whatever its size (a round trip to
+PostgreSQL, a handoff to SQLite's thread: ~0.2 ms of CPU), so at 1,000
+decisions/s 50-row batches instead of one per decision save most of it
+(benchmarks/outbound_bench.py); rows reach the database at most ~50 ms
+after their verdict.
 
 SQLite audit databases are written from a thread of the writer's own (the
 sqlite3 module cannot yield, and WAL checkpoints fsync): see ``_insert`` and
@@ -222,7 +220,7 @@ class AuditWriter:
                 self._wake.clear()
                 self._wake.wait()
                 continue
-            if not from_spool and self._thread is not None:
+            if not from_spool:
                 self._last_batch = time.monotonic()
             try:
                 written = self._write(batch, from_spool)
@@ -243,7 +241,7 @@ class AuditWriter:
             if self._stopping.is_set():
                 return None, True  # left for the next start; stop() spools the queue behind it
             return self._spool.head(self._batch_size), True
-        if self._queue and self._thread is not None:
+        if self._queue:
             self._gather()
         if self._queue:
             take = min(len(self._queue), self._batch_size)
@@ -252,7 +250,7 @@ class AuditWriter:
         return None, False
 
     def _gather(self) -> None:
-        """SQLite: let rows gather until BATCH_INTERVAL after the last batch (see the module doc)."""
+        """Let rows gather until BATCH_INTERVAL after the last batch (see the module doc)."""
         wait = self._last_batch + BATCH_INTERVAL - time.monotonic()
         if wait > 0 and len(self._queue) < self._batch_size and not self._stopping.is_set():
             self._full.clear()
@@ -316,8 +314,15 @@ class AuditWriter:
             if self._connection is None:
                 assert self._engine is not None
                 self._connection = self._engine.connect()
+            rows = [row for _, row in batch]
             with self._connection.begin():
-                self._connection.execute(_INSERT[self._connection.dialect.name], [row for _, row in batch])
+                if self._thread is None:
+                    # PostgreSQL: one INSERT ... VALUES (...), (...), not executemany: psycopg runs
+                    # that in pipeline mode, and a pipeline interrupted by write_timeout waits
+                    # for the server on its way out, forever if the server is stalled.
+                    self._connection.execute(_INSERT["postgresql"].values(rows))
+                else:
+                    self._connection.execute(_INSERT[self._connection.dialect.name], rows)
         except Exception:
             self._discard_connection()
             raise

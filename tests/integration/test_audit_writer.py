@@ -27,7 +27,7 @@ from fsguard.registrations import Binding, Registrations
 
 pytest.register_assert_rewrite("tests.audit_conftest")  # shared fixtures and helpers, before importing it
 pytest_plugins = ["tests.audit_conftest"]
-from tests.audit_conftest import closed_port, decision, record, rows_in, upgrade  # noqa: E402
+from tests.audit_conftest import closed_port, decision, record, rows_in  # noqa: E402
 
 WAIT = 20.0  # seconds: generous bound for conditions that normally hold within milliseconds
 
@@ -336,9 +336,8 @@ def test_sigkill_loses_nothing_already_spooled(pg_url, tmp_path):
     assert_written_once_in_order(pg_url, 500)
 
 
-def test_sqlite_rows_trickling_in_share_a_batch(sqlite_url, tmp_path, writers):
-    """One row per millisecond: SQLite batches gather rows instead of one thread handoff per row."""
-    db_url = sqlite_url
+def test_rows_trickling_in_share_a_batch(db_url, tmp_path, writers):
+    """One row per millisecond: batches gather rows instead of one insert per row."""
     writer = writers(config(db_url, tmp_path))
     batches = []
     real_insert = writer._insert_now
@@ -359,3 +358,16 @@ def test_a_sqlite_writer_thread_cannot_hold_the_gil_for_long(sqlite_url, tmp_pat
     seen: list[float] = []
     writers(config(sqlite_url, tmp_path))
     assert seen and seen[-1] <= GIL_SWITCH_INTERVAL  # the hub waits at most this for the GIL
+
+
+def test_a_database_stalling_during_a_batch_of_many_rows_fails_over_in_time(pg_url, proxy, tmp_path, writers):
+    """psycopg's executemany runs in pipeline mode, whose exit waited for a stalled server forever."""
+    writer = writers(config(proxy.url(pg_url), tmp_path, batch_size=100))
+    submit(writer, 0, 10)
+    assert writer.wait_for(lambda s: s["written"] == 10, WAIT)  # the connection is open
+    proxy.stall()
+    submit(writer, 10, 100)  # one batch of 100 rows
+    assert writer.wait_for(lambda s: s["database"] == "failing" and s["spool_rows"] == 100, WAIT), writer.stats()
+    proxy.resume()
+    assert writer.wait_for(lambda s: s["written"] == 110 and s["spool_rows"] == 0, WAIT), writer.stats()
+    assert_written_once_in_order(pg_url, 110)
