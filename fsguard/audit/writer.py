@@ -19,12 +19,16 @@ Back-pressure: while an insert is in flight the queue grows; past half of
 full anyway (the spool cannot be written either) is a decision not audited;
 ``dropped`` counts those and the log says which call.
 
-Batches are taken at most every BATCH_INTERVAL (or as soon as batch_size
-rows wait): a batch costs about the same whatever its size (a round trip to
-PostgreSQL, a handoff to SQLite's thread: ~0.2 ms of CPU), so at 1,000
-decisions/s 50-row batches instead of one per decision save most of it
-(benchmarks/outbound_bench.py); rows reach the database at most ~50 ms
-after their verdict.
+SQLite batches are taken at most every BATCH_INTERVAL (or as soon as
+batch_size rows wait): handing a batch to SQLite's thread and back costs
+~0.2 ms of CPU whatever its size, so at 1,000 decisions/s 50-row batches
+instead of one per decision save most of it (benchmarks/outbound_bench.py);
+rows reach the file at most ~50 ms after their verdict.  PostgreSQL batches
+are taken as soon as the previous insert returns (an insert is a round trip
+on the hub; batching them too was not measured yet).  A PostgreSQL server
+that stalls in the middle of a multi-row batch could hold the writer
+forever (psycopg's pipeline, see ``_insert``): its connection is cut
+ABORT_GRACE after write_timeout.
 
 SQLite audit databases are written from a thread of the writer's own (the
 sqlite3 module cannot yield, and WAL checkpoints fsync): see ``_insert`` and
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -66,6 +71,7 @@ log = logging.getLogger(__name__)
 SPILL_INTERVAL = 0.05  # seconds rows may wait in memory while the database is failing
 FIRST_RETRY = 0.1  # seconds before the first retry; doubles up to retry_interval
 STOP_KILL_GRACE = 1.0  # seconds for an interrupted insert to unwind on stop
+ABORT_GRACE = 1.0  # seconds past write_timeout before a stuck PostgreSQL connection is cut
 BATCH_INTERVAL = 0.05  # seconds between batches while fewer than batch_size rows wait
 GIL_SWITCH_INTERVAL = 0.0005  # seconds the hub may wait for the GIL held by SQLite's writer thread
 
@@ -220,7 +226,7 @@ class AuditWriter:
                 self._wake.clear()
                 self._wake.wait()
                 continue
-            if not from_spool:
+            if not from_spool and self._thread is not None:
                 self._last_batch = time.monotonic()
             try:
                 written = self._write(batch, from_spool)
@@ -241,7 +247,7 @@ class AuditWriter:
             if self._stopping.is_set():
                 return None, True  # left for the next start; stop() spools the queue behind it
             return self._spool.head(self._batch_size), True
-        if self._queue:
+        if self._queue and self._thread is not None:
             self._gather()
         if self._queue:
             take = min(len(self._queue), self._batch_size)
@@ -250,7 +256,7 @@ class AuditWriter:
         return None, False
 
     def _gather(self) -> None:
-        """Let rows gather until BATCH_INTERVAL after the last batch (see the module doc)."""
+        """SQLite: let rows gather until BATCH_INTERVAL after the last batch (see the module doc)."""
         wait = self._last_batch + BATCH_INTERVAL - time.monotonic()
         if wait > 0 and len(self._queue) < self._batch_size and not self._stopping.is_set():
             self._full.clear()
@@ -286,6 +292,11 @@ class AuditWriter:
         """
         timeout = gevent.Timeout(self.config.write_timeout)
         timeout.start()
+        # psycopg runs a multi-row executemany in pipeline mode, and a pipeline interrupted by the
+        # timeout waits for the server on its way out: forever if the server is stalled.  Past
+        # ABORT_GRACE more, its socket is shut down, which ends that wait with an error.
+        abort = gevent.spawn_later(self.config.write_timeout + ABORT_GRACE, self._abort_connection) \
+            if self._thread is None else None
         try:
             if self._thread is None:
                 self._insert_now(batch)
@@ -303,6 +314,19 @@ class AuditWriter:
             raise
         finally:
             timeout.cancel()
+            if abort is not None:
+                abort.kill(block=False)
+
+    def _abort_connection(self) -> None:
+        """Shut down the socket under a PostgreSQL insert stuck past its timeout (see _insert)."""
+        connection = self._connection
+        try:
+            fd = connection.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - no connection, or already closed: nothing is stuck on it
+            return
+        log.warning("audit: the database insert is stuck past write_timeout; cutting its connection")
+        with socket.socket(fileno=os.dup(fd)) as stuck:
+            stuck.shutdown(socket.SHUT_RDWR)
 
     def _insert_now(self, batch: list[Item]) -> None:
         """Insert on the writer's connection; after a failure, throw the connection away.
@@ -314,15 +338,8 @@ class AuditWriter:
             if self._connection is None:
                 assert self._engine is not None
                 self._connection = self._engine.connect()
-            rows = [row for _, row in batch]
             with self._connection.begin():
-                if self._thread is None:
-                    # PostgreSQL: one INSERT ... VALUES (...), (...), not executemany: psycopg runs
-                    # that in pipeline mode, and a pipeline interrupted by write_timeout waits
-                    # for the server on its way out, forever if the server is stalled.
-                    self._connection.execute(_INSERT["postgresql"].values(rows))
-                else:
-                    self._connection.execute(_INSERT[self._connection.dialect.name], rows)
+                self._connection.execute(_INSERT[self._connection.dialect.name], [row for _, row in batch])
         except Exception:
             self._discard_connection()
             raise
