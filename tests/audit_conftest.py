@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -31,8 +32,9 @@ from fsguard.audit import store
 from fsguard.audit.models import AuditRecord
 from fsguard.audit.store import connect, safe_url
 from fsguard.call import CallFacts
-from fsguard.guard import Decision
-from fsguard.policy import Action, Reason, Verdict
+from fsguard.guard import Decision, Guard
+from fsguard.policy import Action, Policy, Reason, Verdict
+from fsguard.registrations import Binding, Registrations
 
 ADMIN_URL = os.environ.get("FSGUARD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
@@ -239,3 +241,37 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --- verdicts decided while the writer works (tests and benchmarks/audit_bench.py)
+
+
+class Registered:
+    """Registrations as the cache answers them: after a switch to the hub, like real I/O."""
+
+    def lookup(self, profile, user, domain):
+        gevent.sleep(0)
+        binding = Binding(user, domain, "c1", "192.0.2.10", "5060", profile)
+        return Registrations(f"{user}@{domain}", (binding,), "cache")
+
+    lookup_live = lookup
+
+
+def verdict_latencies(writer, calls: int, first: int) -> list[float]:
+    """Calls arriving every millisecond, each decided (and audited, unless ``writer`` is None) in its
+    own greenlet, like the daemon: their latencies in seconds, sorted."""
+    guard = Guard(Policy(), Registered(), decision_timeout=1.0)
+    latencies: list[float] = []
+
+    def one(n: int, arrived: float) -> None:
+        d = guard.decide(decision(n).call)
+        if writer is not None:
+            writer.submit(AuditRecord.from_decision(d, "enforce", "fs1", datetime.now(UTC)))
+        latencies.append(time.perf_counter() - arrived)
+
+    jobs = []
+    for n in range(first, first + calls):
+        jobs.append(gevent.spawn(one, n, time.perf_counter()))
+        gevent.sleep(0.001)
+    gevent.joinall(jobs)
+    return sorted(latencies)

@@ -21,13 +21,10 @@ from fsguard.audit import AuditRecord, AuditWriter
 from fsguard.audit.spool import Spool
 from fsguard.audit.writer import BATCH_INTERVAL, GIL_SWITCH_INTERVAL
 from fsguard.config import AuditConfig
-from fsguard.guard import Guard
-from fsguard.policy import Policy
-from fsguard.registrations import Binding, Registrations
 
 pytest.register_assert_rewrite("tests.audit_conftest")  # shared fixtures and helpers, before importing it
 pytest_plugins = ["tests.audit_conftest"]
-from tests.audit_conftest import closed_port, decision, record, rows_in  # noqa: E402
+from tests.audit_conftest import closed_port, decision, record, rows_in, verdict_latencies  # noqa: E402
 
 WAIT = 20.0  # seconds: generous bound for conditions that normally hold within milliseconds
 
@@ -95,43 +92,17 @@ def test_stored_times_are_utc_and_aware(db_url, tmp_path, writers):
     assert row["at"] == at and row["at"].utcoffset() == timedelta(0)
 
 
-class Registered:
-    """Registrations as the cache answers them: after a switch to the hub, like real I/O."""
-
-    def lookup(self, profile, user, domain):
-        gevent.sleep(0)
-        binding = Binding(user, domain, "c1", "192.0.2.10", "5060", profile)
-        return Registrations(f"{user}@{domain}", (binding,), "cache")
-
-    lookup_live = lookup
-
-
-def verdict_latencies(guard, writer, calls, first):
-    """Calls arriving every millisecond, each decided and audited in its own greenlet, like the daemon."""
-    latencies = []
-
-    def one(n, arrived):
-        d = guard.decide(decision(n).call)
-        writer.submit(AuditRecord.from_decision(d, "enforce", "fs1", datetime.now(UTC)))
-        latencies.append(time.perf_counter() - arrived)
-
-    jobs = []
-    for n in range(first, first + calls):
-        jobs.append(gevent.spawn(one, n, time.perf_counter()))
-        gevent.sleep(0.001)
-    gevent.joinall(jobs)
-    latencies.sort()
+def p99_and_max(latencies):
     return latencies[int(len(latencies) * 0.99)], latencies[-1]
 
 
 def test_stalled_database_slows_no_verdict_and_loses_nothing(pg_url, proxy, tmp_path, writers):
     writer = writers(config(proxy.url(pg_url), tmp_path, batch_size=100))
-    guard = Guard(Policy(), Registered(), decision_timeout=1.0)
-    healthy_p99, healthy_max = verdict_latencies(guard, writer, 300, 0)
+    healthy_p99, healthy_max = p99_and_max(verdict_latencies(writer, 300, 0))
     assert writer.wait_for(lambda s: s["written"] == 300, WAIT)
 
     proxy.stall()
-    stalled_p99, stalled_max = verdict_latencies(guard, writer, 600, 300)
+    stalled_p99, stalled_max = p99_and_max(verdict_latencies(writer, 600, 300))
     assert writer.wait_for(lambda s: s["database"] == "failing" and s["spool_rows"] > 0, WAIT), writer.stats()
     stats = writer.stats()
     assert stats["written"] == 300 and "no answer within write_timeout" in stats["last_error"]
