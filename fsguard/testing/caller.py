@@ -999,7 +999,7 @@ class _Call:
             self._note_allow()
             return "+OK\n", None
         if name == "uuid_setvar_multi":
-            return self._setvar_multi(arg), None
+            return self._setvar_multi(arg, mine), None
         if name == "uuid_getvar":
             if not mine or len(args) < 2:
                 return "-ERR No Such Channel!\n", None
@@ -1015,12 +1015,12 @@ class _Call:
             return "FreeSWITCH Version 1.11.3-dev~64bit ( 64bit)\n", None  # captured
         return f"-ERR {name} Command not found!\n", None  # captured form
 
-    def _setvar_multi(self, arg: str) -> str:
+    def _setvar_multi(self, arg: str, mine: bool) -> str:
         usage = "-USAGE: <uuid> <var>=<value>;<var>=<value>...\n"
-        uuid, space, variables = arg.partition(" ")
+        _uuid, space, variables = arg.partition(" ")
         if not space:
             return ""
-        if uuid != self.uuid or self.hangup_cause or self.cancelled:
+        if not mine:
             return "-ERR No Such Channel!\n" + usage  # no "goto done" on this branch
         out, count = "", 0
         for item in variables.split(";")[:64]:
