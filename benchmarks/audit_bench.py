@@ -30,8 +30,6 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import secrets  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -39,14 +37,12 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
-import sqlalchemy as sa  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from fsguard.audit import AuditWriter  # noqa: E402
 from fsguard.config import AuditConfig  # noqa: E402
-from tests.audit_conftest import TcpProxy, record, upgrade, verdict_latencies  # noqa: E402
+from tests.audit_conftest import ADMIN_URL, Postgres, TcpProxy, record, upgrade, verdict_latencies  # noqa: E402
 
-ADMIN_URL = os.environ.get("FSGUARD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 class HubTicker:
@@ -156,11 +152,8 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    name = f"fsguard_bench_{secrets.token_hex(6)}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    pg = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    postgres = Postgres(ADMIN_URL)
+    pg = postgres.create_database("fsguard_bench_").render_as_string(hide_password=False)
     results: dict[str, object] = {}
     try:
         upgrade(pg)
@@ -174,9 +167,7 @@ def main() -> int:
             results["sqlite_sustained"] = sustained(sqlite, spool, args.rows)
             results["verdict_latency"] = latency_rounds(pg, spool, args.calls, args.rounds)
     finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        postgres.drop_all()
 
     print(json.dumps(results, indent=2, default=lambda v: round(v, 3) if isinstance(v, float) else str(v)))
     pg_rate = results["postgresql_sustained"]["rows_per_s"]  # type: ignore[index]

@@ -144,6 +144,7 @@ import gevent.queue
 import gevent.server
 import gevent.socket as gsocket
 
+from fsguard.audit import store
 from fsguard.esl.outbound import verdict_command
 from fsguard.esl.protocol import command
 from fsguard.policy import Action
@@ -1181,35 +1182,6 @@ def audit_reasons(url: str, recs: list[Rec], timeout: float = 20.0) -> dict:
 audit_reasons.last_id = {}  # per database: rows already read (steps run one after the other)
 
 
-PG_ADMIN_URL = os.environ.get("FSGUARD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def create_pg_database() -> str:
-    """A throw-away PostgreSQL database at the schema's head (dropped by drop_pg_database)."""
-    import sqlalchemy as sa
-
-    from fsguard.audit import store
-
-    name = f"fsguard_bench_{uuidlib.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    store.upgrade(url)
-    return url
-
-
-def drop_pg_database(url: str) -> None:
-    import sqlalchemy as sa
-
-    name = sa.engine.make_url(url).database
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 def pin_audit_backends(url: str) -> set[int]:
     """PostgreSQL: the server process writing fsguard's audit rows works on the generator's CPU, not on
     fsguard's (in production it is another process, often another machine)."""
@@ -1293,6 +1265,7 @@ class Bench:
     api_delay: float
     children: list = field(default_factory=list)
     pg_databases: dict = field(default_factory=dict)  # mode -> URL, with --audit postgresql
+    postgres: object = None  # tests.audit_conftest.Postgres, with --audit postgresql
 
     def generator(self, address) -> Generator:
         return Generator(address, self.scripts, self.pop, self.args.deny_ratio, self.args.seed)
@@ -1456,7 +1429,13 @@ class Bench:
         if self.args.audit == "sqlite":
             return f"sqlite:///{self.workdir}/audit-{mode}.db"
         if mode not in self.pg_databases:
-            self.pg_databases[mode] = create_pg_database()
+            if self.postgres is None:
+                from tests.audit_conftest import ADMIN_URL, Postgres  # the tests' throw-away databases
+
+                self.postgres = Postgres(ADMIN_URL)
+            url = self.postgres.create_database("fsguard_bench_").render_as_string(hide_password=False)
+            store.upgrade(url)
+            self.pg_databases[mode] = url
         return self.pg_databases[mode]
 
     def run_soak(self, seconds: float, rate: float) -> dict:
@@ -2056,8 +2035,8 @@ def main(argv: list[str] | None = None) -> int:
         if bench is not None:
             for child in list(bench.children):
                 child.stop(grace=5)
-            for url in bench.pg_databases.values():
-                drop_pg_database(url)
+            if bench.postgres is not None:
+                bench.postgres.drop_all()
         if switch is not None:
             switch.stop()
         if args.keep:

@@ -61,8 +61,8 @@ class Postgres:
                 pytrace=False,
             )
 
-    def create_database(self) -> URL:
-        name = f"fsguard_test_{secrets.token_hex(6)}"
+    def create_database(self, prefix: str = "fsguard_test_") -> URL:
+        name = f"{prefix}{secrets.token_hex(6)}"
         with self.engine.connect() as connection:
             connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
         self.created.append(name)
