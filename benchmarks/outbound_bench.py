@@ -51,12 +51,11 @@ What runs
   with every call's own values (same lengths, so Content-Length stays
   right).  The channel data (~7 KB) is checked byte for byte against
   ``fsguard.testing.caller.channel_data``, the events against a recording
-  made with real values.  Timing as in the simulator: in sync mode
-  (``socket_mode="static"``, the shipped dialplan mode) everything is
-  answered at once; in async mode a ``sendmsg`` is answered ``+OK`` at once
-  and executed on the parked session's next 20 ms frame (fsguard's ``api``
-  verdicts are answered at once in both modes, as FreeSWITCH's listener runs
-  them itself).  The simulator
+  made with real values.  Timing as in the simulator: every command of
+  fsguard is answered at once, in sync (``socket_mode="static"``, the
+  shipped dialplan mode) and async mode alike: its ``api`` verdicts are run
+  by FreeSWITCH's listener itself (only a ``sendmsg`` would wait for the
+  parked session's next 20 ms frame).  The simulator
   itself costs ~4 ms of CPU per call (measured and printed): too slow to load
   fsguard at these rates, hence the replay.
 
@@ -158,7 +157,6 @@ perf = time.perf_counter
 DAEMON_CPU = 0
 GENERATOR_CPU = 1
 PASSWORD = "ClueCon"
-FRAME = 0.020  # async mode: sendmsg runs on the parked session's next 20 ms frame (captured)
 OWN_TIME_RATE = 500  # calls/s of the target on fsguard's own time (issue: p99 <= 2 ms at 500 calls/s)
 # Reasons of verdicts fsguard gives when it cannot decide normally: past max_connections (over_capacity)
 # and when the lookup does not answer within decision_timeout (on_error).  Both are configured verdicts.
@@ -492,7 +490,6 @@ class Step:
 
     reply: bytes  # the command/reply (for connect: the channel data)
     after: bytes = b""  # events and notices that follow it
-    deferred: bool = False  # async mode: ``after`` is sent on the next 20 ms frame
     verdict: str = ""  # "allow": effective when ``after`` is out; "deny": when the reply is
     closes: bool = False
     reply_subst: bool = False
@@ -582,7 +579,7 @@ def _first_line(cmd: bytes) -> str:
     return cmd.split(b"\n", 1)[0].decode("ascii", "replace")
 
 
-def build_script(recordings: list[list], deferred: bool) -> Script:
+def build_script(recordings: list[list]) -> Script:
     script: Script = {}
     for recording in recordings:
         for cmd, messages in recording:
@@ -594,7 +591,6 @@ def build_script(recordings: list[list], deferred: bool) -> Script:
             step = Step(
                 reply=messages[0][1],
                 after=b"".join(raw for _m, raw in messages[1:]),
-                deferred=deferred and cmd.startswith(b"sendmsg"),
                 verdict="allow" if cmd == SET_ALLOW else "deny" if cmd == KILL else "",
                 closes=cmd == EXIT,
             )
@@ -628,7 +624,7 @@ def record_scripts(pop: Population) -> tuple[dict[str, Script], dict]:
             raise RuntimeError(f"{mode}: recorded allow call ended {allow_result.outcome}")
         if deny_result.outcome != "rejected" or deny_result.sip_final != "603 Decline":
             raise RuntimeError(f"{mode}: recorded deny call ended {deny_result.outcome}")
-        scripts[mode] = build_script([allow, deny], deferred=mode == "async")
+        scripts[mode] = build_script([allow, deny])
     # The placeholders must not occur in the captures themselves.
     base_bytes = tr.load("out-allow-registered-ip").stream(tr.FS)
     assert not any(p in base_bytes for p in PLACEHOLDERS), "a placeholder occurs in the capture"
@@ -740,8 +736,6 @@ class Generator:
         sock = gsocket.socket(gsocket.AF_INET, gsocket.SOCK_STREAM)
         sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         sock.setsockopt(gsocket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # see received_at
-        frames: gevent.queue.Queue | None = None
-        worker = None
         self.inflight += 1
         rec.t0 = perf()
         try:
@@ -749,7 +743,6 @@ class Generator:
                 sock.connect(self.address)
                 rec.t_conn, turn = perf(), time.time()
                 buf = b""
-                last_due = 0.0
                 while True:
                     data, ancillary, _flags, _addr = sock.recvmsg(65536, TIMESTAMP_SPACE)
                     if not rec.seen:
@@ -771,19 +764,9 @@ class Generator:
                             continue
                         reply = substitute(step.reply, values) if step.reply_subst else step.reply
                         after = substitute(step.after, values) if step.after_subst else step.after
-                        if step.deferred:
-                            sock.sendall(reply)
-                            if step.verdict == "deny":
-                                self._verdict(rec, "deny")
-                            if frames is None:
-                                frames = gevent.queue.Queue()
-                                worker = gevent.spawn(self._frames, sock, frames, rec)
-                            last_due = max(perf() + FRAME, last_due)
-                            frames.put((last_due, after, step.verdict))
-                        else:
-                            sock.sendall(reply + after)
-                            if step.verdict:
-                                self._verdict(rec, step.verdict)
+                        sock.sendall(reply + after)
+                        if step.verdict:
+                            self._verdict(rec, step.verdict)
                         if step.closes:
                             done = True
                             break
@@ -799,8 +782,6 @@ class Generator:
         finally:
             rec.t_done = perf()
             self.inflight -= 1
-            if worker is not None:
-                worker.kill(block=False)
             sock.close()
         if not rec.error and rec.seen != rec.expect:
             rec.error = f"verdict-{rec.seen or 'none'}-expected-{rec.expect}"
@@ -810,19 +791,6 @@ class Generator:
         if not rec.seen:
             rec.t_verdict = perf()
             rec.seen = verdict
-
-    def _frames(self, sock, frames: gevent.queue.Queue, rec: Rec) -> None:
-        while True:
-            due, data, verdict = frames.get()
-            delay = due - perf()
-            if delay > 0:
-                gevent.sleep(delay)
-            try:
-                sock.sendall(data)
-            except OSError:
-                return
-            if verdict == "allow":
-                self._verdict(rec, "allow")
 
     def _start(self, recs: list, sched: float, mode: str) -> None:
         if self.inflight >= self.max_inflight:
@@ -1970,7 +1938,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(captured latency of 'sofia xmlstatus ... user'); sofia::register refreshes at "
               f"{args.event_rate:g}/s during every step")
         print(f"calls: {100 - args.deny_ratio * 100:.0f}% allowed (registered IP) / {args.deny_ratio * 100:.0f}% denied "
-              f"(ip-not-registered); sync socket mode unless the step says async (20 ms frame); "
+              f"(ip-not-registered); sync socket mode unless the step says async; "
               f"replayed simulator bytes: channel data {checks['channel_data_bytes']:,} B, "
               f"{checks['bytes_to_fsguard_per_allowed_call']:,} B to fsguard per allowed call, "
               f"{checks['bytes_to_fsguard_per_denied_call']:,} B per denied call "
@@ -1997,7 +1965,7 @@ def main(argv: list[str] | None = None) -> int:
                 "registrations": args.registrations, "tenants": args.tenants, "deny_ratio": args.deny_ratio,
                 "event_rate": args.event_rate, "concurrency": args.concurrency, "api_delay_s": api_delay,
                 "log_level": args.log_level, "audit": args.audit, "daemon_cpu": DAEMON_CPU, "generator_cpu": GENERATOR_CPU,
-                "frame_s": FRAME, **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
             },
             "replay_checks": checks,
             "before_run": idle,
