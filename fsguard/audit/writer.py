@@ -226,8 +226,6 @@ class AuditWriter:
                 self._wake.clear()
                 self._wake.wait()
                 continue
-            if not from_spool and self._thread is not None:
-                self._last_batch = time.monotonic()
             try:
                 written = self._write(batch, from_spool)
             except Exception as exc:  # a bug: keep the rows, say so, go on
@@ -252,6 +250,7 @@ class AuditWriter:
         if self._queue:
             take = min(len(self._queue), self._batch_size)
             self._inflight = [self._queue.popleft() for _ in range(take)]
+            self._last_batch = time.monotonic()
             return self._inflight, False
         return None, False
 
