@@ -1,75 +1,94 @@
 """Recent decisions, in memory, for ``fsguard status``: counts and latency percentiles.
 
-Bounded whatever the call rate: one bucket per second for the last hour,
-each with its counts and at most ``LATENCY_SAMPLES`` latencies (the
-percentiles are over those samples), kept as a C array of doubles: 1.6 KB a
-second, ~6 MB for the full hour at high rates (as Python floats in a list it
-was ~25 MB, and it is what grows during a daemon's first hour: benchmarks'
-``--soak``).  Prometheus keeps the long-term series.
+A ring of one slot per second for the last hour.  Each slot holds a count
+per (action, reason) and at most ``LATENCY_SAMPLES`` latencies (the
+percentiles are over those samples).  All of it lives in C arrays allocated,
+and written, when the daemon starts (~6.3 MB): the daemon's memory does not
+grow with its first hour of traffic (benchmarks' ``--soak`` measures that it
+stays flat), and a slot is reused in place, an hour later.  Prometheus keeps
+the long-term series.
 """
 
 from __future__ import annotations
 
 import time
 from array import array
-from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable
+
+from .policy import Action, Reason
 
 HOUR = 3600
 LATENCY_SAMPLES = 200  # per second
 
-
-@dataclass
-class Bucket:
-    second: int
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
-    latencies: array = field(default_factory=lambda: array("d"))
+# Every (action, reason) a verdict can carry, each a column of a slot's counts.
+PAIRS: tuple[tuple[str, str], ...] = tuple((str(a), str(r)) for a in Action for r in Reason)
 
 
 class RecentDecisions:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.buckets: deque[Bucket] = deque()
+    def __init__(self, clock: Callable[[], float] = time.monotonic, seconds: int = HOUR,
+                 samples: int = LATENCY_SAMPLES) -> None:
         self.clock = clock
+        self.seconds = seconds
+        self.samples = samples
         self.total = 0
+        self._column = {pair: column for column, pair in enumerate(PAIRS)}
+        self._second = array("q", [-1]) * seconds  # the second a slot holds; -1: none yet
+        self._counts = array("I", bytes(4 * len(PAIRS) * seconds))
+        self._zero_counts = array("I", bytes(4 * len(PAIRS)))
+        self._sampled = array("I", bytes(4 * seconds))  # latencies held per slot
+        self._latencies = array("d", bytes(8 * samples * seconds))
 
     def add(self, action: str, reason: str, latency: float) -> None:
+        """Count one decision.  KeyError for a pair no verdict can carry (a bug)."""
+        column = self._column[(action, reason)]
         second = int(self.clock())
-        if not self.buckets or self.buckets[-1].second != second:
-            self.buckets.append(Bucket(second))
-            self._trim(second)
-        bucket = self.buckets[-1]
-        bucket.counts[(action, reason)] += 1
-        if len(bucket.latencies) < LATENCY_SAMPLES:
-            bucket.latencies.append(latency)
+        slot = second % self.seconds
+        if self._second[slot] != second:
+            self._second[slot] = second
+            width = len(PAIRS)
+            self._counts[slot * width : (slot + 1) * width] = self._zero_counts
+            self._sampled[slot] = 0
+        self._counts[slot * len(PAIRS) + column] += 1
+        sampled = self._sampled[slot]
+        if sampled < self.samples:
+            self._latencies[slot * self.samples + sampled] = latency
+            self._sampled[slot] = sampled + 1
         self.total += 1
 
-    def _trim(self, second: int) -> None:
-        while self.buckets and self.buckets[0].second <= second - HOUR:
-            self.buckets.popleft()
+    def _slots(self, now: int, seconds: int) -> list[int]:
+        """The slots holding one of the last ``seconds`` seconds up to ``now``."""
+        oldest = now - seconds
+        return [slot for slot, second in enumerate(self._second) if oldest < second <= now]
 
     def summary(self) -> dict:
         now = int(self.clock())
-        self._trim(now)
-        hour = list(self.buckets)
-        minute = [b for b in hour if b.second > now - 60]
-        latencies = sorted(x for b in hour for x in b.latencies)
+        hour = self._slots(now, self.seconds)
+        minute = self._slots(now, 60)
+        latencies: list[float] = []
+        for slot in hour:
+            start = slot * self.samples
+            latencies.extend(self._latencies[start : start + self._sampled[slot]])
+        latencies.sort()
         return {
             "total": self.total,
-            "last_minute": _counts(minute),
-            "last_hour": _counts(hour),
+            "last_minute": self._counts_of(minute),
+            "last_hour": self._counts_of(hour),
             "latency_ms": {"p50": _percentile(latencies, 0.50), "p99": _percentile(latencies, 0.99)},
         }
 
-
-def _counts(buckets: Iterable[Bucket]) -> dict:
-    counts: Counter[tuple[str, str]] = Counter()
-    for bucket in buckets:
-        counts.update(bucket.counts)
-    by_verdict: Counter[str] = Counter()
-    for (action, _), n in counts.items():
-        by_verdict[action] += n
-    return {"by_verdict": dict(by_verdict), "by_reason": {f"{a}/{r}": n for (a, r), n in sorted(counts.items())}}
+    def _counts_of(self, slots: list[int]) -> dict:
+        width = len(PAIRS)
+        counts: Counter[tuple[str, str]] = Counter()
+        for slot in slots:
+            row = self._counts[slot * width : (slot + 1) * width]
+            for column, n in enumerate(row):
+                if n:
+                    counts[PAIRS[column]] += n
+        by_verdict: Counter[str] = Counter()
+        for (action, _), n in counts.items():
+            by_verdict[action] += n
+        return {"by_verdict": dict(by_verdict), "by_reason": {f"{a}/{r}": n for (a, r), n in sorted(counts.items())}}
 
 
 def _percentile(ordered: list[float], fraction: float) -> float | None:
