@@ -19,15 +19,15 @@ Back-pressure: while an insert is in flight the queue grows; past half of
 full anyway (the spool cannot be written either) is a decision not audited;
 ``dropped`` counts those and the log says which call.
 
-SQLite batches are taken at most every BATCH_INTERVAL (or as soon as
-batch_size rows wait): handing a batch to SQLite's thread and back costs
-~0.2 ms of CPU whatever its size, so at 1,000 decisions/s 50-row batches
-instead of one per decision save most of it (benchmarks/outbound_bench.py);
-rows reach the file at most ~50 ms after their verdict.  PostgreSQL batches
-are taken as soon as the previous insert returns: an insert is a round trip
-on the hub, and gathering them as well made no difference to fsguard's CPU
-(0.476 against 0.479 ms per decision at 2,000 decisions/s, outbound
-benchmark with ``--audit postgresql``), so rows are not held back.  A PostgreSQL server
+Batches are taken at most every BATCH_INTERVAL (or as soon as batch_size
+rows wait), so rows reach the database at most ~50 ms after their verdict.
+A batch costs fsguard CPU whatever its size: for SQLite ~0.2 ms to hand it
+to SQLite's thread and back, for PostgreSQL a transaction's round trips on
+the hub.  Taken as soon as the previous insert returned, batches held one
+row at moderate rates: with PostgreSQL at 500 decisions/s fsguard spent
+1.16 ms of CPU per decision instead of 0.79 (benchmarks/outbound_bench.py
+``--audit postgresql``; near saturation the queue batches by itself and
+the two do not differ).  A PostgreSQL server
 that stalls in the middle of a multi-row batch could hold the writer
 forever (psycopg's pipeline, see ``_insert``): its connection is cut
 ABORT_GRACE after write_timeout.
@@ -247,7 +247,7 @@ class AuditWriter:
             if self._stopping.is_set():
                 return None, True  # left for the next start; stop() spools the queue behind it
             return self._spool.head(self._batch_size), True
-        if self._queue and self._thread is not None:
+        if self._queue:
             self._gather()
         if self._queue:
             take = min(len(self._queue), self._batch_size)
@@ -257,7 +257,7 @@ class AuditWriter:
         return None, False
 
     def _gather(self) -> None:
-        """SQLite: let rows gather until BATCH_INTERVAL after the last batch (see the module doc)."""
+        """Let rows gather until BATCH_INTERVAL after the last batch (see the module doc)."""
         wait = self._last_batch + BATCH_INTERVAL - time.monotonic()
         if wait > 0 and len(self._queue) < self._batch_size and not self._stopping.is_set():
             self._full.clear()

@@ -307,9 +307,8 @@ def test_sigkill_loses_nothing_already_spooled(pg_url, tmp_path):
     assert_written_once_in_order(pg_url, 500)
 
 
-def test_sqlite_rows_trickling_in_share_a_batch(sqlite_url, tmp_path, writers):
-    """One row per millisecond: SQLite batches gather rows instead of one thread handoff per row."""
-    db_url = sqlite_url
+def test_rows_trickling_in_share_a_batch(db_url, tmp_path, writers):
+    """One row per millisecond: batches gather rows instead of one insert (thread handoff, round trips) per row."""
     writer = writers(config(db_url, tmp_path))
     batches = []
     real_insert = writer._insert_now
