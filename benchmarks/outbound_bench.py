@@ -84,7 +84,10 @@ the next one):
   modelled here);
 * cache mode: beyond capacity, an open loop at 1.5x the measured saturation
   rate: every call must still get a verdict (past ``max_connections`` the
-  configured ``over_capacity`` one), none may be lost.
+  configured ``over_capacity`` one), none may be lost.  It lasts 3 s, or
+  less where its backlog would pass 3/4 of the 4,000 calls the generator
+  keeps in flight (as a switch's session limit would): a call the
+  generator cannot start counts as lost.
 
 Last, the generator's own ceiling: the same saturation step against a
 minimal ESL app (``--null-app``: framing only, decides by source IP, also
@@ -162,6 +165,7 @@ OWN_TIME_RATE = 500  # calls/s of the target on fsguard's own time (issue: p99 <
 # and when the lookup does not answer within decision_timeout (on_error).  Both are configured verdicts.
 OVERLOAD_REASONS = frozenset({"over-capacity", "timeout", "lookup-failed"})
 BEYOND_CAPACITY = 1.5  # the beyond-capacity step offers this times the saturation rate
+BEYOND_BACKLOG_SHARE = 0.75  # ... for at most as long as its backlog fills this share of the generator's cap
 SOAK_SAMPLE = 60.0  # seconds per row of the soak run
 CALL_TIMEOUT = 15.0  # the generator gives up on a call after this (fsguard's command_timeout is 5 s)
 
@@ -182,7 +186,7 @@ ALLOW_PLAN = (CONNECT, LINGER, SET_ALLOW, EXIT)
 DENY_PLAN = (CONNECT, LINGER, KILL, EXIT)
 
 FULL = {"step_seconds": 20.0, "saturation_seconds": 20.0, "async_seconds": 10.0, "warmup_seconds": 3.0,
-        "beyond_capacity_seconds": 3.0,  # the generator keeps at most 4,000 calls in flight
+        "beyond_capacity_seconds": 3.0,  # or less: see BEYOND_BACKLOG_SHARE
         "cache_rates": (100, 250, 500, 1000, 2000), "live_rates": (100, 250, 500, 1000), "async_rate": 250,
         "instant_switch_seconds": 10.0, "ceiling_seconds": 10.0, "profile_seconds": 10.0, "simulator_calls": 300}
 QUICK = {"step_seconds": 2.0, "saturation_seconds": 3.0, "async_seconds": 2.0, "warmup_seconds": 0.5,
@@ -1366,8 +1370,13 @@ class Bench:
                 # Offered beyond what fsguard can decide: every call must still get a verdict (the
                 # over-capacity one past max_connections), none may be dropped.
                 rate = max(100, round(BEYOND_CAPACITY * saturation["decisions_per_s"] / 100) * 100)
+                # The generator holds at most max_inflight calls, as a switch's session limit would:
+                # the step's backlog (the excess over saturation x its length) must stay well within
+                # it, or calls the generator could not start would count against fsguard.
+                excess = max(1.0, rate - saturation["decisions_per_s"])
+                seconds = min(self.cfg["beyond_capacity_seconds"], BEYOND_BACKLOG_SHARE * gen.max_inflight / excess)
                 step = self.run_step(gen, daemon.pid, f"open {rate}/s (beyond capacity)", "beyond",
-                                     rate=rate, seconds=self.cfg["beyond_capacity_seconds"])
+                                     rate=rate, seconds=round(seconds, 2))
                 out["steps"].append(step)
             if registrations == "live" and self.cfg["instant_switch_seconds"]:
                 # Is live mode bound by the switch's answer time or by fsguard's CPU?
@@ -1752,7 +1761,9 @@ def print_summary(result: dict) -> None:
         print(f"  beyond capacity ({beyond['offered_per_s']:,}/s offered, {beyond['calls']:,} calls): "
               f"{beyond['without_verdict']} without a verdict, {beyond['over_capacity']:,} over-capacity and "
               f"{beyond['overload_verdicts'] - beyond['over_capacity']:,} on_error (timeout) verdicts, "
-              f"{beyond['errors']} other errors -> every call decided: {'PASS' if beyond['all_decided'] else 'FAIL'}")
+              f"{beyond['errors']} other errors"
+              + (f" ({beyond['not_started']} not started: the generator's cap)" if beyond.get("not_started") else "")
+              + f" -> every call decided: {'PASS' if beyond['all_decided'] else 'FAIL'}")
     if s.get("generator_ceiling_per_s"):
         print(f"  generator ceiling (null app in fsguard's place): {s['generator_ceiling_per_s']:,.0f} calls/s "
               f"at {s['generator_ceiling_cpu_pct']:.0f}% of CPU {GENERATOR_CPU} (+{s['switch_cpu_pct_at_ceiling']:.0f}% "
@@ -1812,6 +1823,7 @@ def summary(result: dict) -> dict:
             "without_verdict": beyond["without_verdict"], "over_capacity": beyond["over_capacity"],
             "overload_verdicts": beyond["overload_verdicts"],
             "errors": beyond["error_count"] + beyond.get("not_started", 0),
+            "not_started": beyond.get("not_started", 0),
             "all_decided": beyond["without_verdict"] == 0 and beyond["error_count"] + beyond.get("not_started", 0) == 0,
         }
     out["contaminated_steps"] = sum(1 for st in all_steps(result) if contaminated(st))
