@@ -292,6 +292,54 @@ _INVITE = """\
 """
 
 
+def _ack_final_answer(cseq: str) -> str:
+    """The ACK of a non-2xx final answer (the 407, or an error): same transaction, same Via."""
+    return _ACK_FINAL_ANSWER.format(cseq=cseq)
+
+
+_ACK_FINAL_ANSWER = """\
+  <send>
+    <![CDATA[
+
+      ACK sip:[service]@[$dom] SIP/2.0
+      [last_Via:]
+      From: "[$user]" <sip:[$user]@[$fdom]>;tag=[pid]SIPpTag01[call_number]
+      [last_To:]
+      Call-ID: [call_id]
+      CSeq: {cseq} ACK
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+
+def _in_dialog(method: str, cseq: int, retrans: int | None = None) -> str:
+    """A request inside the answered call's dialog (its ACK, the BYE): to its Contact, via its routes."""
+    return _IN_DIALOG.format(method=method, cseq=cseq, retrans=f' retrans="{retrans}"' if retrans else "")
+
+
+_IN_DIALOG = """\
+  <send{retrans}>
+    <![CDATA[
+
+      {method} [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "[$user]" <sip:[$user]@[$fdom]>;tag=[pid]SIPpTag01[call_number]
+      [last_To:]
+      [routes]
+      Call-ID: [call_id]
+      CSeq: {cseq} {method}
+      Contact: <sip:[$user]@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+
 UAC_SCENARIO = """\
 <?xml version="1.0" encoding="ISO-8859-1" ?>
 <!DOCTYPE scenario SYSTEM "sipp.dtd">
@@ -304,76 +352,16 @@ UAC_SCENARIO = """\
 """ + _invite(1) + """  <recv response="100" optional="true"/>
 """ + _error_answers(skip=407) + """
   <recv response="407" auth="true"/>
-  <send>
-    <![CDATA[
-
-      ACK sip:[service]@[$dom] SIP/2.0
-      [last_Via:]
-      From: "[$user]" <sip:[$user]@[$fdom]>;tag=[pid]SIPpTag01[call_number]
-      [last_To:]
-      Call-ID: [call_id]
-      CSeq: 1 ACK
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-""" + _invite(2, authenticated=True) + """  <recv response="100" optional="true"/>
+""" + _ack_final_answer("1") + _invite(2, authenticated=True) + """  <recv response="100" optional="true"/>
   <recv response="180" optional="true"/>
   <recv response="183" optional="true"/>
 """ + _error_answers() + """
   <recv response="200" rrs="true" rtd="setup"/>
-  <send>
-    <![CDATA[
-
-      ACK [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "[$user]" <sip:[$user]@[$fdom]>;tag=[pid]SIPpTag01[call_number]
-      [last_To:]
-      [routes]
-      Call-ID: [call_id]
-      CSeq: 2 ACK
-      Contact: <sip:[$user]@[local_ip]:[local_port];transport=[transport]>
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <pause/>
-  <send retrans="500">
-    <![CDATA[
-
-      BYE [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "[$user]" <sip:[$user]@[$fdom]>;tag=[pid]SIPpTag01[call_number]
-      [last_To:]
-      [routes]
-      Call-ID: [call_id]
-      CSeq: 3 BYE
-      Contact: <sip:[$user]@[local_ip]:[local_port];transport=[transport]>
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <recv response="200" crlf="true" next="end"/>
+""" + _in_dialog("ACK", 2) + """  <pause/>
+""" + _in_dialog("BYE", 3, retrans=500) + """  <recv response="200" crlf="true" next="end"/>
 
   <label id="rejected"/>
-  <send>
-    <![CDATA[
-
-      ACK sip:[service]@[$dom] SIP/2.0
-      [last_Via:]
-      From: "[$user]" <sip:[$user]@[$fdom]>;tag=[pid]SIPpTag01[call_number]
-      [last_To:]
-      Call-ID: [call_id]
-      CSeq: [$cs] ACK
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-
+""" + _ack_final_answer("[$cs]") + """
   <label id="end"/>
   <Reference variables="answered"/>
   <ResponseTimeRepartition value="5, 10, 15, 20, 25, 30, 40, 50, 75, 100, 200, 500, 1000"/>
