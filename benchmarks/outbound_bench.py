@@ -1818,13 +1818,14 @@ def summary(result: dict) -> dict:
         out["target_own_p99_2ms"] = out.get("own_p99_ms_at_500_net", out["own_p99_ms_at_500"]) <= 2.0
     beyond = next((st for st in result["modes"].get("cache", {}).get("steps", []) if st.get("kind") == "beyond"), None)
     if beyond:
+        errors = beyond["error_count"] + beyond.get("not_started", 0)
         out["beyond_capacity"] = {
             "offered_per_s": beyond["offered_per_s"], "calls": beyond["calls"],
             "without_verdict": beyond["without_verdict"], "over_capacity": beyond["over_capacity"],
             "overload_verdicts": beyond["overload_verdicts"],
-            "errors": beyond["error_count"] + beyond.get("not_started", 0),
+            "errors": errors,
             "not_started": beyond.get("not_started", 0),
-            "all_decided": beyond["without_verdict"] == 0 and beyond["error_count"] + beyond.get("not_started", 0) == 0,
+            "all_decided": beyond["without_verdict"] == 0 and errors == 0,
         }
     out["contaminated_steps"] = sum(1 for st in all_steps(result) if contaminated(st))
     ceiling = result.get("generator_ceiling")
