@@ -23,6 +23,7 @@ LATENCY_SAMPLES = 200  # per second
 
 # Every (action, reason) a verdict can carry, each a column of a slot's counts.
 PAIRS: tuple[tuple[str, str], ...] = tuple((str(a), str(r)) for a in Action for r in Reason)
+_WIDTH = len(PAIRS)
 
 
 class RecentDecisions:
@@ -34,8 +35,8 @@ class RecentDecisions:
         self.total = 0
         self._column = {pair: column for column, pair in enumerate(PAIRS)}
         self._second = array("q", [-1]) * seconds  # the second a slot holds; -1: none yet
-        self._counts = array("I", bytes(4 * len(PAIRS) * seconds))
-        self._zero_counts = array("I", bytes(4 * len(PAIRS)))
+        self._counts = array("I", bytes(4 * _WIDTH * seconds))
+        self._zero_counts = array("I", bytes(4 * _WIDTH))
         self._sampled = array("I", bytes(4 * seconds))  # latencies held per slot
         self._latencies = array("d", bytes(8 * samples * seconds))
 
@@ -46,10 +47,9 @@ class RecentDecisions:
         slot = second % self.seconds
         if self._second[slot] != second:
             self._second[slot] = second
-            width = len(PAIRS)
-            self._counts[slot * width : (slot + 1) * width] = self._zero_counts
+            self._counts[slot * _WIDTH : (slot + 1) * _WIDTH] = self._zero_counts
             self._sampled[slot] = 0
-        self._counts[slot * len(PAIRS) + column] += 1
+        self._counts[slot * _WIDTH + column] += 1
         sampled = self._sampled[slot]
         if sampled < self.samples:
             self._latencies[slot * self.samples + sampled] = latency
@@ -64,7 +64,7 @@ class RecentDecisions:
     def summary(self) -> dict:
         now = int(self.clock())
         hour = self._slots(now, self.seconds)
-        minute = self._slots(now, 60)
+        minute = [slot for slot in hour if self._second[slot] > now - 60]
         latencies: list[float] = []
         for slot in hour:
             start = slot * self.samples
@@ -78,10 +78,9 @@ class RecentDecisions:
         }
 
     def _counts_of(self, slots: list[int]) -> dict:
-        width = len(PAIRS)
         counts: Counter[tuple[str, str]] = Counter()
         for slot in slots:
-            row = self._counts[slot * width : (slot + 1) * width]
+            row = self._counts[slot * _WIDTH : (slot + 1) * _WIDTH]
             for column, n in enumerate(row):
                 if n:
                     counts[PAIRS[column]] += n
