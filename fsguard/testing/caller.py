@@ -903,8 +903,8 @@ class _Call:
         self.channel.set_var("current_application", app)
         self._emit(self._exec_template("CHANNEL_EXECUTE_COMPLETE"),
                    app_headers | {"Application-Response": "_none_"})
-        if low == "set" and self.channel.get("variable_fsguard_verdict") == "allow":
-            self.result.verdict_at = time.monotonic()
+        if low == "set":
+            self._note_allow()
 
     def _exec_template(self, event: str) -> _Item:
         # The base capture's own event when it has one (byte-exact replay),
@@ -1034,6 +1034,7 @@ class _Call:
         return out + ("+OK\n" if count else usage)
 
     def _note_allow(self) -> None:
+        """An allow took effect when fsguard_verdict first became "allow" (by api or an executed set)."""
         if self.channel.get("variable_fsguard_verdict") == "allow" and self.result.verdict_at is None:
             self.result.verdict_at = time.monotonic()
 
