@@ -369,6 +369,29 @@ UAC_SCENARIO = """\
 </scenario>
 """
 
+
+def _bodiless_answer(status: str) -> str:
+    """The stand-in's answer without a body or a tag of its own (the 100, the BYE's 200)."""
+    return _BODILESS_ANSWER.format(status=status)
+
+
+_BODILESS_ANSWER = """\
+  <send>
+    <![CDATA[
+
+      SIP/2.0 {status}
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+
 # --stand-in: FreeSWITCH's side of the same call, without FreeSWITCH.  The 200 OK follows -d ms
 # after the digest INVITE, which must carry the caller's credentials.
 STAND_IN_UAS_SCENARIO = """\
@@ -397,20 +420,7 @@ STAND_IN_UAS_SCENARIO = """\
             check_it="true" assign_to="digest"/>
     </action>
   </recv>
-  <send>
-    <![CDATA[
-
-      SIP/2.0 100 Trying
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <pause/>
+""" + _bodiless_answer("100 Trying") + """  <pause/>
   <send retrans="500">
     <![CDATA[
 
@@ -436,20 +446,7 @@ STAND_IN_UAS_SCENARIO = """\
   </send>
   <recv request="ACK" crlf="true"/>
   <recv request="BYE"/>
-  <send>
-    <![CDATA[
-
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <Reference variables="digest"/>
+""" + _bodiless_answer("200 OK") + """  <Reference variables="digest"/>
 </scenario>
 """
 
